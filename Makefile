@@ -1,0 +1,37 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both set up .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch first: an unpinned resolve would fetch a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint setup fashion-mnist
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The embedded default data set, Debian's dataset-fashion-mnist, installed when missing and possible.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get install -y -qq dataset-fashion-mnist || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); } || \
+	  echo "could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist'"
+
+demo: setup fashion-mnist
+	$(VENV)/bin/deepres models
+
+test: setup
+	$(VENV)/bin/ruff check deepres tests benchmarks
+	$(VENV)/bin/ruff format --check deepres tests benchmarks
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check --fix deepres tests benchmarks
+	$(VENV)/bin/ruff format deepres tests benchmarks

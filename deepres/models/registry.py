@@ -1,0 +1,42 @@
+"""Every net of the paper by name: create_model("resnet56"), list_models()."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from deepres.models.cifar import cifar_resnet
+from deepres.models.imagenet import imagenet_resnet
+
+CIFAR_RESNETS = (20, 32, 44, 56, 110, 1202)
+CIFAR_PLAINS = (20, 32, 44, 56, 110)
+IMAGENET_RESNETS = (18, 34, 50, 101, 152)
+IMAGENET_PLAINS = (18, 34)
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}": partial(cifar_resnet, d) for d in CIFAR_RESNETS},
+    **{f"plain{d}": partial(cifar_resnet, d, residual=False) for d in CIFAR_PLAINS},
+    **{f"resnet{d}": partial(imagenet_resnet, d) for d in IMAGENET_RESNETS},
+    **{f"plain{d}": partial(imagenet_resnet, d, residual=False) for d in IMAGENET_PLAINS},
+}
+
+
+def list_models() -> list[str]:
+    """Names of every registered net, CIFAR nets first, each family by depth."""
+    return list(MODELS)
+
+
+def create_model(name: str, **options) -> nn.Module:
+    """Build a registered net; options go to its builder (shortcut, num_classes, ...)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name](**options)
+
+
+def model_family(name: str) -> str:
+    """'cifar' or 'imagenet': which of the paper's two families a registered net belongs to."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return "cifar" if MODELS[name].func is cifar_resnet else "imagenet"
