@@ -28,7 +28,13 @@ IMAGENET_PARAMS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
 }
-TABLE1_GMACS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
+TABLE1_GMACS = {
+    "resnet18": 1.8,
+    "resnet34": 3.6,
+    "resnet50": 3.8,
+    "resnet101": 7.6,
+    "resnet152": 11.3,
+}
 
 
 def n_params(model):

@@ -1,4 +1,4 @@
-"""One ResNet class for both families: the ImageNet nets of Table 1 and the CIFAR nets of Sec. 4.2."""
+"""One ResNet class for both families: the ImageNet nets (Table 1) and the CIFAR nets (Sec. 4.2)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ class ResNet(nn.Module):
         for i in range(blocks):
             s = stride if i == 0 else 1
             downsample = (
-                make_shortcut(self.shortcut, self.inplanes, out_planes, s) if self.residual else None
+                make_shortcut(self.shortcut, self.inplanes, out_planes, s)
+                if self.residual
+                else None
             )
             layers.append(
                 self.block(self.inplanes, planes, s, downsample, self.residual, self.stride_in_1x1)

@@ -1,0 +1,127 @@
+"""Checkpoints: atomic writes, exact resume, and loading that never unpickles.
+
+Everything is safetensors (tensors) or JSON (the rest), so a run directory from anywhere can
+be opened without running its code. One file holds all a resume needs, written to a temp
+file, fsynced and renamed, so a crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT = "checkpoint.safetensors"
+WEIGHTS = "model.safetensors"
+PREPROCESS = "preprocess.safetensors"
+CONFIG = "config.json"
+FORMAT = "deepres-checkpoint-1"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(temp_path), fsync the result, then rename it over path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a JSON file atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file, with an error that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no such file (is this a deepres run directory?)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """Write tensors to a safetensors file atomically; metadata is stored as JSON."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"json": json.dumps(metadata)} if metadata is not None else None
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a safetensors file and its JSON metadata, with an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return tensors, json.loads(meta.get("json", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def save_checkpoint(
+    run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Everything a resume needs, in one atomically written file."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    tensors[f"optim/{names[id(p)]}/{key}"] = value
+    save_tensors(Path(run) / CHECKPOINT, tensors, {"format": FORMAT, **state})
+
+
+def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer from a run's checkpoint; returns the saved loop state."""
+    path = Path(run) / CHECKPOINT
+    tensors, state = load_tensors(path)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a deepres checkpoint (format {state.get('format')!r})")
+    weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: does not match the net of {CONFIG} ({first})") from None
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            name, slot = key[len("optim/") :].rsplit("/", 1)
+            device = params[name].device
+            optimizer.state[params[name]][slot] = value.to(device)
+    return {k: v for k, v in state.items() if k != "format"}
+
+
+def load_preprocess(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std a run's net expects its input normalised with."""
+    tensors, _ = load_tensors(Path(run) / PREPROCESS)
+    try:
+        return tensors["mean"], tensors["std"]
+    except KeyError as err:
+        raise ValueError(f"{Path(run) / PREPROCESS}: missing tensor {err}") from None

@@ -1,0 +1,125 @@
+"""The device-resident data path: normalisation, the 45k/5k split, and batched augmentation.
+
+The whole data set lives on the training device as one uint8 tensor; a batch is gathered,
+normalised and augmented there in a few tensor operations, with no per-sample Python.
+Every random draw is derived from (seed, iteration), so a run resumed at any iteration sees
+exactly the batches it would have seen had it never stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The held-out split must not move when the training seed changes.
+SPLIT_SEED = 0
+
+
+def split_train_val(n: int, val_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training and held-out images; the same for every run (fixed seed)."""
+    if not 0 <= val_split < n:
+        raise ValueError(f"--val-split must be between 0 and {n - 1}, got {val_split}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return order[val_split:].sort().values, order[:val_split].sort().values
+
+
+class Preprocess(nn.Module):
+    """uint8 images to the net's input: scale to [0, 1], subtract the mean, divide by the std.
+
+    The paper subtracts the per-pixel mean image (Sec. 3.4, 4.2); `normalize="channel"` is the
+    per-channel mean and std that later libraries use.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, normalize: str = "pixel") -> Preprocess:
+        """Statistics of a uint8 [N, C, H, W] training set, per pixel or per channel."""
+        if normalize not in ("pixel", "channel"):
+            raise ValueError(f"normalize must be 'pixel' or 'channel', got {normalize!r}")
+        c = images.shape[1]
+        total = torch.zeros(images.shape[1:], dtype=torch.float64)
+        total_sq = torch.zeros(c, dtype=torch.float64)
+        for chunk in images.split(4096):
+            x = chunk.double() / 255
+            total += x.sum(0)
+            total_sq += (x**2).sum((0, 2, 3))
+        n = images.shape[0]
+        mean_image = total / n
+        if normalize == "pixel":
+            return cls(mean_image, torch.ones(c, 1, 1))
+        mean = mean_image.mean((1, 2))
+        var = total_sq / (n * images.shape[2] * images.shape[3]) - mean**2
+        return cls(mean.view(c, 1, 1), var.sqrt().view(c, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - self.mean) / self.std
+
+
+def pad_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The paper's CIFAR augmentation on a whole batch: zero-pad, random crop, random h-flip."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols[:, None, None, :]]
+
+
+class BatchStream:
+    """Training batches by iteration number: epoch-wise shuffles, augmentation on the device."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        preprocess: Preprocess,
+        batch_size: int,
+        seed: int,
+        augment: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        if images.shape[0] < batch_size:
+            raise ValueError(
+                f"the training set has {images.shape[0]} images, fewer than one batch of "
+                f"{batch_size}; lower --batch-size"
+            )
+        self.images, self.labels = images, labels
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = augment
+        self.channels_last = channels_last
+        # Every step sees a full batch (BN statistics); the remainder waits for the next epoch.
+        self.steps_per_epoch = images.shape[0] // batch_size
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def _generator(self, stream: int, key: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(
+            (self.seed * 1_000_003 + stream * 7_919 + key) % (2**63)
+        )
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented, normalised batch of the given iteration and its labels."""
+        epoch, step = divmod(iteration, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = self._generator(0, epoch, torch.device("cpu"))
+            self._order = torch.randperm(self.images.shape[0], generator=gen).to(self.images.device)
+            self._epoch = epoch
+        index = self._order[step * self.batch_size : (step + 1) * self.batch_size]
+        x = self.preprocess(self.images[index])
+        if self.augment:
+            x = pad_crop_flip(x, self._generator(1, iteration, x.device))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[index]

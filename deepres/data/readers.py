@@ -1,0 +1,670 @@
+"""Dataset readers: every on-disk format deepres accepts, decoded once to uint8 tensors.
+
+open_dataset() looks at what is at a spec (a dataset name, a directory, a .zip or a tar
+archive), finds the format from the file names inside (IDX, CIFAR python or binary, or an
+image folder), decodes one split and caches the result as safetensors, so that later runs
+read one file instead of decoding again.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import struct
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from deepres.data.safe_pickle import DataError, restricted_loads
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+SPLITS = ("train", "test")
+
+# Named datasets: where Debian's dataset packages put them, the variable that moves them, and
+# what to do when they are absent.
+_NAMED = {
+    "fashion-mnist": (
+        "/usr/share/datasets/fashion-mnist",
+        "DEEPRES_FASHION_MNIST_DIR",
+        "install it with `apt-get install dataset-fashion-mnist`",
+    ),
+    "mnist": (
+        "/usr/share/datasets/mnist",
+        "DEEPRES_MNIST_DIR",
+        "put the MNIST IDX files there or point DEEPRES_MNIST_DIR at them",
+    ),
+}
+_EXPECTED = (
+    "expected fashion-mnist, mnist, a folder of IDX files, CIFAR-10/100 in the python or"
+    " binary format (folder or .tar.gz), or an image folder (folder or .zip) of"
+    " <class>/<image> or train|test|val/<class>/<image>"
+)
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+# Split folders of an image folder; 'val' serves as the test split when there is no 'test'.
+_SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
+# Deep enough for wrapper/split/class/subfolder/image; a spec pointing at a large unrelated
+# tree then costs a bounded walk before it is rejected.
+_MAX_DEPTH = 5
+_IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# Part of every cache key: raise it when decoding changes, so old entries are not reused.
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class ImageDataset:
+    """A whole split in memory: uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    meta: str  # holds the class names
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    label_bytes: int = 0  # binary format: label bytes before each image's 3072 pixel bytes
+    names_key: str = ""  # python format: the meta dict's class-name list
+    labels_key: str = ""  # python format: the batch dict's label list
+
+
+# Shared by the python and binary releases: five training batches and one test batch.
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR = {
+    "CIFAR-10 python": _CifarLayout(
+        "batches.meta",
+        _CIFAR10_TRAIN,
+        ("test_batch",),
+        names_key="label_names",
+        labels_key="labels",
+    ),
+    "CIFAR-100 python": _CifarLayout(
+        "meta", ("train",), ("test",), names_key="fine_label_names", labels_key="fine_labels"
+    ),
+    "CIFAR-10 binary": _CifarLayout(
+        "batches.meta.txt",
+        tuple(f"{name}.bin" for name in _CIFAR10_TRAIN),
+        ("test_batch.bin",),
+        label_bytes=1,
+    ),
+    # Each record starts with the coarse label, then the fine one: the 100 classes are fine.
+    "CIFAR-100 binary": _CifarLayout(
+        "fine_label_names.txt", ("train.bin",), ("test.bin",), label_bytes=2
+    ),
+}
+
+
+def open_dataset(
+    spec: str,
+    split: str = "train",
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> ImageDataset:
+    """Read a dataset by name or path, detecting its format; split is 'train' or 'test'."""
+    if split not in SPLITS:
+        raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"{spec}: image size must be a positive number of pixels")
+    source = _open_source(spec)
+    cache_file = _cache_file(cache_dir, source, split, image_size)
+    dataset = _load_cache(cache_file)
+    if dataset is None:
+        dataset = _read(source, split, image_size)
+        _save_cache(cache_file, dataset)
+    return dataset
+
+
+def available_splits(spec: str) -> list[str]:
+    """Which of 'train'/'test' the source at spec has."""
+    source = _open_source(spec)
+    return _splits(source, *_detect(source))
+
+
+# ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
+
+
+def _visible(name: str) -> bool:
+    # Hidden files and macOS's __MACOSX/._x.jpg resource forks carry image suffixes but no image.
+    return not any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
+class _Directory:
+    def __init__(self, path: Path, label: str) -> None:
+        self.path, self.label = path, label
+
+    @cached_property
+    def names(self) -> list[str]:
+        found: list[str] = []
+        pending = [(self.path, "", _MAX_DEPTH)]
+        while pending:
+            folder, prefix, depth = pending.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if not _visible(entry.name):
+                        continue
+                    if entry.is_dir() and depth > 1:
+                        pending.append((Path(entry.path), f"{prefix}{entry.name}/", depth - 1))
+                    elif entry.is_file():
+                        found.append(prefix + entry.name)
+        return sorted(found)
+
+    def where(self, name: str) -> str:
+        return str(self.path / name)
+
+    def fingerprint(self) -> list:
+        # Renaming a file between class folders changes neither sizes nor mtimes: the names
+        # are part of the fingerprint too.
+        stats = [os.stat(self.path / name) for name in self.names]
+        sizes = sum(stat.st_size for stat in stats)
+        newest = max((stat.st_mtime_ns for stat in stats), default=0)
+        return [self.names, sizes, newest]
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
+        for name in names:
+            try:
+                data = (self.path / name).read_bytes()
+            except OSError as error:
+                raise DataError(f"{self.where(name)}: cannot read ({error.strerror})") from error
+            yield name, data
+
+
+class _Archive:
+    def __init__(self, path: Path, label: str) -> None:
+        self.path, self.label = path, label
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}" if name else str(self.path)
+
+    def fingerprint(self) -> list:
+        stat = self.path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def _corrupt(self, error: Exception) -> DataError:
+        return DataError(f"{self.path}: corrupt archive ({type(error).__name__}: {error})")
+
+
+class _Zip(_Archive):
+    _errors = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
+
+    @cached_property
+    def names(self) -> list[str]:
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                listed = archive.namelist()
+        except self._errors as error:
+            raise self._corrupt(error) from error
+        return sorted(name for name in listed if not name.endswith("/") and _visible(name))
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
+        with zipfile.ZipFile(self.path) as archive:
+            for name in names:
+                try:
+                    data = archive.read(name)
+                except self._errors as error:
+                    raise DataError(f"{self.where(name)}: cannot read ({error})") from error
+                yield name, data
+
+
+class _Tar(_Archive):
+    _errors = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+    def _stream(self, wanted: set[str] | None) -> Iterator[tuple[str, bytes]]:
+        # Stream mode: a .tar.gz is decompressed once, front to back, never seeked in.
+        try:
+            with tarfile.open(self.path, "r|*") as archive:
+                for member in archive:
+                    name = member.name.removeprefix("./")
+                    if not (member.isfile() and _visible(name)):
+                        continue
+                    if wanted is None:
+                        yield name, b""
+                    elif name in wanted:
+                        yield name, archive.extractfile(member).read()
+        except self._errors as error:
+            raise self._corrupt(error) from error
+
+    @cached_property
+    def names(self) -> list[str]:
+        return sorted(name for name, _ in self._stream(None))
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
+        return self._stream(set(names))
+
+
+_Source = _Directory | _Zip | _Tar
+
+
+def _open_source(spec: str) -> _Source:
+    if spec in _NAMED:
+        default, variable, fix = _NAMED[spec]
+        root = Path(os.environ.get(variable) or default)
+        if not root.is_dir():
+            raise DataError(f"{spec}: not found at {root}; {fix}")
+        return _Directory(root.resolve(), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _Directory(path.resolve(), spec)
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory ({_EXPECTED})")
+    if zipfile.is_zipfile(path):
+        return _Zip(path.resolve(), spec)
+    if tarfile.is_tarfile(path):
+        return _Tar(path.resolve(), spec)
+    raise DataError(f"{spec}: not a dataset deepres can read ({_EXPECTED})")
+
+
+# ---- format detection
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _detect(source: _Source) -> tuple[str, str]:
+    """The format of source and the folder inside it that holds the format's files."""
+    files_by_folder: dict[str, set[str]] = defaultdict(set)
+    for name in source.names:
+        folder, _, file = name.rpartition("/")
+        files_by_folder[folder].add(file)
+    # Shallowest first, so a wrapping folder ("cifar-10-batches-py/") is found wherever it is.
+    for folder in sorted(files_by_folder, key=lambda folder: (folder.count("/"), folder)):
+        files = files_by_folder[folder]
+        if any(_IDX_NAME.fullmatch(file) for file in files):
+            return "IDX", folder
+        for name, layout in _CIFAR.items():
+            if layout.meta in files and files & {*layout.train, *layout.test}:
+                return name, folder
+    if any(_is_image(name) for name in source.names):
+        return "image folder", ""
+    raise DataError(f"{source.label}: not a dataset deepres can read ({_EXPECTED})")
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _splits(source: _Source, kind: str, folder: str) -> list[str]:
+    present = set(source.names)
+    if kind == "IDX":
+        have = {split for split in SPLITS if _idx_files(present, folder, split)}
+    elif kind == "image folder":
+        have = set(_image_folder(source.names))
+    else:
+        layout = _CIFAR[kind]
+        files = {"train": layout.train, "test": layout.test}
+        have = {split for split in SPLITS if any(_join(folder, f) in present for f in files[split])}
+    return [split for split in SPLITS if split in have]
+
+
+def _read(source: _Source, split: str, image_size: int | None) -> ImageDataset:
+    kind, folder = _detect(source)
+    splits = _splits(source, kind, folder)
+    if split not in splits:
+        hint = "; hold out part of the training set with --val-split" if split == "test" else ""
+        found = ", ".join(splits) or "none"
+        raise DataError(f"{source.label}: {kind} with no {split} split (found: {found}){hint}")
+    if kind == "IDX":
+        images, labels, classes = _read_idx(source, folder, split)
+    elif kind == "image folder":
+        images, labels, classes = _read_image_folder(source, split, image_size)
+    else:
+        images, labels, classes = _read_cifar(source, folder, _CIFAR[kind], split)
+    if image_size is not None and kind != "image folder":
+        images = _resize_all(images, image_size)
+    where = source.where(folder)
+    bad = labels[(labels < 0) | (labels >= len(classes))]
+    if bad.size:
+        raise DataError(f"{where}: label {bad[0]} is out of range for {len(classes)} classes")
+    # A copy: frombuffer arrays are read-only, and torch wants memory it may write.
+    return ImageDataset(
+        images=torch.from_numpy(np.array(images, order="C")),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        classes=classes,
+        source=f"{where} ({kind}, {split} split)",
+    )
+
+
+# ---- IDX (MNIST, Fashion-MNIST)
+
+
+def _idx_files(present: set[str], folder: str, split: str) -> tuple[str, str] | None:
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for kind, dims in (("images", 3), ("labels", 1)):
+        # The official names, gzipped or not, and the dotted spelling of the original MNIST.
+        candidates = [
+            _join(folder, f"{prefix}-{kind}{dot}idx{dims}-ubyte{gz}")
+            for dot in "-."
+            for gz in (".gz", "")
+        ]
+        found.append(next((name for name in candidates if name in present), None))
+    images, labels = found
+    return (images, labels) if images and labels else None
+
+
+def _parse_idx(data: bytes, where: str, ndim: int) -> np.ndarray:
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataError(f"{where}: corrupt gzip data ({error})") from error
+    # 0x08 is the unsigned-byte type code; the low byte counts the big-endian int32 dims.
+    magic = 0x800 | ndim
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{where}: {len(data)} bytes is too short for an IDX header")
+    (found,) = struct.unpack_from(">I", data)
+    if found != magic:
+        raise DataError(f"{where}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x}")
+    dims = struct.unpack_from(f">{ndim}I", data, 4)
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        shape = "x".join(map(str, dims))
+        raise DataError(
+            f"{where}: IDX header promises {shape} bytes of data ({expected} bytes in all)"
+            f" but the file holds {len(data)}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx(source: _Source, folder: str, split: str) -> tuple[np.ndarray, np.ndarray, list]:
+    images_name, labels_name = _idx_files(set(source.names), folder, split)
+    blobs = dict(source.read([images_name, labels_name]))
+    images = _parse_idx(blobs[images_name], source.where(images_name), 3)
+    labels = _parse_idx(blobs[labels_name], source.where(labels_name), 1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{source.where(images_name)}: {len(images)} images but"
+            f" {source.where(labels_name)} has {len(labels)} labels"
+        )
+    fashion = "fashion" in f"{source.label}/{source.where(folder)}".lower()
+    classes = FASHION_MNIST_CLASSES if fashion else DIGIT_CLASSES
+    return images[:, None], labels, list(classes)
+
+
+# ---- CIFAR-10 / CIFAR-100, python (pickled) and binary releases
+
+
+def _read_cifar(
+    source: _Source, folder: str, layout: _CifarLayout, split: str
+) -> tuple[np.ndarray, np.ndarray, list]:
+    batches = layout.train if split == "train" else layout.test
+    names = [_join(folder, name) for name in (layout.meta, *batches)]
+    present = set(source.names)
+    for name in names:
+        if name not in present:
+            raise DataError(f"{source.where(name)}: missing (needed for the {split} split)")
+    blobs = dict(source.read(names))
+    meta = source.where(names[0])
+    if layout.label_bytes:
+        classes = _text_lines(blobs[names[0]], meta)
+        parts = [_binary_batch(blobs[n], source.where(n), layout.label_bytes) for n in names[1:]]
+    else:
+        classes = _pickled_names(blobs[names[0]], meta, layout.names_key)
+        parts = [_pickled_batch(blobs[n], source.where(n), layout.labels_key) for n in names[1:]]
+    images = np.concatenate([images for images, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts])
+    return images, labels, classes
+
+
+def _unpickle_dict(data: bytes, where: str) -> dict[str, object]:
+    loaded = restricted_loads(data, where)
+    if not isinstance(loaded, dict):
+        raise DataError(f"{where}: expected a pickled dict, found {type(loaded).__name__}")
+    # Python 2 pickles come back with bytes keys.
+    return {
+        key.decode("latin-1") if isinstance(key, bytes) else str(key): value
+        for key, value in loaded.items()
+    }
+
+
+def _pickled_names(data: bytes, where: str, key: str) -> list[str]:
+    names = _unpickle_dict(data, where).get(key)
+    if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
+        raise DataError(f"{where}: no list of class names under {key!r}")
+    return [name.decode("utf-8", "replace") if isinstance(name, bytes) else name for name in names]
+
+
+def _pickled_batch(data: bytes, where: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle_dict(data, where)
+    pixels = batch.get("data")
+    if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 2):
+        raise DataError(f"{where}: 'data' is not a uint8 array of shape (N, 3072)")
+    if pixels.shape[1] != 3072:
+        raise DataError(f"{where}: 'data' rows hold {pixels.shape[1]} bytes, expected 3072")
+    try:
+        labels = np.asarray(batch.get(labels_key), dtype=np.int64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{where}: {labels_key!r} is not a list of integers") from error
+    if labels.shape != (len(pixels),):
+        raise DataError(f"{where}: {labels_key!r} must hold {len(pixels)} labels, one per row")
+    # Each row is the red plane, then green, then blue, each 32 rows of 32 pixels.
+    return pixels.reshape(-1, 3, 32, 32), labels
+
+
+def _binary_batch(data: bytes, where: str, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    record = label_bytes + 3072
+    if not data or len(data) % record:
+        raise DataError(
+            f"{where}: {len(data)} bytes is not a whole number of {record}-byte records"
+        )
+    rows = np.frombuffer(data, np.uint8).reshape(-1, record)
+    labels = rows[:, label_bytes - 1].astype(np.int64)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), labels
+
+
+def _text_lines(data: bytes, where: str) -> list[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: class names are not UTF-8 text ({error})") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ---- image folders
+
+
+def _image_folder(names: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Image names by split, then by class folder, for <class>/ and <split>/<class>/ layouts."""
+    images = [(name, name.split("/")) for name in names if _is_image(name)]
+    # Descend through single wrapping folders ("hymenoptera_data/train/ants/x.jpg"), but never
+    # through a split folder or into a class folder.
+    while (
+        images
+        and all(len(parts) >= 3 for _, parts in images)
+        and len({parts[0] for _, parts in images}) == 1
+        and images[0][1][0] not in _SPLIT_FOLDERS
+    ):
+        images = [(name, parts[1:]) for name, parts in images]
+    tops = {parts[0] for _, parts in images if len(parts) >= 2}
+    layout: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    if tops & set(_SPLIT_FOLDERS):
+        for name, parts in images:
+            if len(parts) < 3 or parts[0] not in _SPLIT_FOLDERS:
+                continue
+            if parts[0] == "val" and "test" in tops:
+                continue
+            layout[_SPLIT_FOLDERS[parts[0]]][parts[1]].append(name)
+    else:
+        for name, parts in images:
+            if len(parts) >= 2:
+                layout["train"][parts[0]].append(name)
+    return layout
+
+
+def _read_image_folder(
+    source: _Source, split: str, image_size: int | None
+) -> tuple[np.ndarray, np.ndarray, list]:
+    layout = _image_folder(source.names)
+    # Labels follow the training classes, so that test label i names the same class as train's.
+    classes = sorted(layout["train"] if "train" in layout else layout[split])
+    names, labels = [], []
+    for folder, files in sorted(layout[split].items()):
+        if folder not in classes:
+            raise DataError(f"{source.where(files[0])}: class {folder!r} is not in the train split")
+        names += files
+        labels += [classes.index(folder)] * len(files)
+    return _decode_images(source, names, image_size), np.array(labels, np.int64), classes
+
+
+def _decode_images(source: _Source, names: list[str], image_size: int | None) -> np.ndarray:
+    decoded: dict[str, np.ndarray] = {}
+    first = None
+    for name, data in source.read(names):
+        where = source.where(name)
+        array = _decode_image(data, where, image_size)
+        if first is None:
+            first = (where, array)
+        elif array.shape[:2] != first[1].shape[:2]:
+            (height, width), (first_height, first_width) = array.shape[:2], first[1].shape[:2]
+            raise DataError(
+                f"{where} is {width}x{height} but {first[0]} is {first_width}x{first_height};"
+                " pass --image-size N to resize every image"
+            )
+        decoded[name] = array
+    arrays = [decoded[name] for name in names]
+    if all(array.ndim == 2 for array in arrays):
+        return np.stack(arrays)[:, None]
+    # Mixed gray and colour: gray becomes RGB the way Pillow's convert("RGB") does it.
+    rgb = [np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+    return np.stack(rgb).transpose(0, 3, 1, 2)
+
+
+def _decode_image(data: bytes, where: str, image_size: int | None) -> np.ndarray:
+    # Pillow identifies the format from the content, so a GIF named .jpg decodes as a GIF.
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("L" if opened.mode in _GRAY_MODES else "RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{where}: cannot decode image ({error})") from error
+    if image_size is not None:
+        image = _resize_and_crop(image, image_size)
+    return np.asarray(image)
+
+
+def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BILINEAR)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[2:] == (size, size):
+        return images
+    # Through Pillow, so that --image-size means the same for every format.
+    channels_last = images.transpose(0, 2, 3, 1)
+    if images.shape[1] == 1:
+        channels_last = channels_last[..., 0]
+    resized = np.stack(
+        [np.asarray(_resize_and_crop(Image.fromarray(a), size)) for a in channels_last]
+    )
+    return resized[:, None] if resized.ndim == 3 else resized.transpose(0, 3, 1, 2)
+
+
+# ---- cache
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def _cache_file(
+    cache_dir: str | Path | None, source: _Source, split: str, image_size: int | None
+) -> Path:
+    root = Path(cache_dir or os.environ.get("DEEPRES_CACHE") or Path.home() / ".cache/deepres")
+    # The label matters as well as the path: "fashion-mnist" names its classes, a bare path
+    # to the same folder may not.
+    identity = _digest([_CACHE_FORMAT, str(source.path), source.label, split, image_size])
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", source.path.name)
+    return root / f"{slug}-{identity}-{_digest(source.fingerprint())}.safetensors"
+
+
+def _load_cache(path: Path) -> ImageDataset | None:
+    if not path.is_file():
+        return None
+    # Any failure to read an entry, whatever its type, only means decoding the source again.
+    try:
+        with safe_open(path, framework="pt") as file:
+            info = json.loads(file.metadata()["deepres"])
+            dataset = ImageDataset(
+                images=file.get_tensor("images"),
+                labels=file.get_tensor("labels"),
+                classes=list(info["classes"]),
+                source=str(info["source"]),
+            )
+        _check_cached(dataset)
+    except Exception as error:
+        warnings.warn(f"ignoring unreadable dataset cache {path} ({error})", stacklevel=3)
+        return None
+    return dataset
+
+
+def _check_cached(dataset: ImageDataset) -> None:
+    images, labels = dataset.images, dataset.labels
+    if images.dtype != torch.uint8 or images.ndim != 4 or labels.dtype != torch.int64:
+        raise ValueError("wrong tensor types")
+    if labels.shape != (len(images),) or not all(isinstance(c, str) for c in dataset.classes):
+        raise ValueError("labels, images and classes disagree")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(dataset.classes):
+        raise ValueError("labels out of range")
+
+
+def _save_cache(path: Path, dataset: ImageDataset) -> None:
+    info = json.dumps({"classes": dataset.classes, "source": dataset.source})
+    blob = safetensors_bytes(
+        {"images": dataset.images, "labels": dataset.labels}, metadata={"deepres": info}
+    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(blob)
+                file.flush()
+                os.fsync(file.fileno())
+            # Atomic: a reader sees the old entry or the whole new one, never half a file.
+            os.replace(temp, path)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+        # Entries for older versions of the same source and request can never match again.
+        for stale in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.safetensors"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    except OSError as error:
+        # A read-only or full disk costs the next run a decode, not this one its data.
+        warnings.warn(f"could not write dataset cache {path} ({error})", stacklevel=3)

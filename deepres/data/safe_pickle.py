@@ -1,0 +1,62 @@
+"""Unpickling limited to what the official CIFAR files hold: numpy arrays and plain data."""
+
+import codecs
+import io
+import pickle
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message is one line naming the file and the cause."""
+
+    # Defined here, the lowest module of deepres.data, so that readers.py can import it without
+    # a cycle. Newlines are flattened because the CLI prints the message as its one error line.
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\n", " "))
+
+
+# np.ndarray's own __reduce__ names the array rebuilder wherever this numpy keeps it
+# (numpy.core before 2.0, numpy._core after), without importing a deprecated module.
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+
+# Every global a CIFAR pickle may name: a module.name outside this table is never imported.
+# _codecs.encode is how protocol-2 pickles written by Python 3 spell a bytes object.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, source: str) -> None:
+        # The official files are Python 2 pickles: "bytes" keeps their str objects as bytes
+        # (numpy needs the raw array buffers that way) instead of guessing a text encoding.
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self._source}: refusing to unpickle {module}.{name}"
+                " (a dataset pickle may hold only numpy arrays and plain data)"
+            ) from None
+
+
+def restricted_loads(data: bytes, source: str = "<pickle>") -> object:
+    """Unpickle untrusted bytes that may hold only numpy arrays, containers, numbers and bytes."""
+    try:
+        return _RestrictedUnpickler(data, source).load()
+    except DataError:
+        raise
+    except Exception as error:
+        # Malformed pickles fail with many exception types (EOFError, KeyError, TypeError...);
+        # all of them mean the same thing to the caller.
+        raise DataError(
+            f"{source}: not a readable pickle ({type(error).__name__}: {error})"
+        ) from error

@@ -1,0 +1,77 @@
+"""A trained run as a ready classifier: deepres.load(RUN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deepres.checkpoint import CONFIG, WEIGHTS, load_preprocess, load_tensors, read_json
+from deepres.data.loader import Preprocess
+from deepres.models import create_model
+
+
+class Classifier:
+    """A net with its preprocessing and class names; call it on a uint8 [N, C, H, W] batch."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        classes: list[str],
+        input_size: list[int],
+    ) -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.classes = classes
+        self.input_size = input_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of a uint8 image batch of the training size."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"expected a uint8 [N, C, H, W] batch, got {images.dtype} {list(images.shape)}"
+            )
+        if list(images.shape[1:]) != self.input_size:
+            raise ValueError(
+                f"expected images of size {self.input_size} (C, H, W), got {list(images.shape[1:])}"
+            )
+        return self.model(self.preprocess(images)).softmax(1)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image as a uint8 [1, C, H, W] batch in the run's channels and size."""
+        c, h, w = self.input_size
+        image = image.convert("L" if c == 1 else "RGB")
+        if image.size != (w, h):
+            scale = max(w / image.width, h / image.height)
+            size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+            image = image.resize(size, Image.BILINEAR)
+            left, top = (image.width - w) // 2, (image.height - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        array = np.asarray(image, dtype=np.uint8).reshape(h, w, c)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+
+    def topk(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+        """The k most likely classes of one PIL image, with their probabilities."""
+        probs = self(self.to_tensor(image))[0]
+        values, indices = probs.topk(min(k, len(self.classes)))
+        return [(self.classes[i], float(p)) for p, i in zip(values, indices, strict=True)]
+
+
+def load(run: str | Path) -> Classifier:
+    """The trained net of a run directory, with its preprocessing, ready to classify."""
+    run = Path(run)
+    saved = read_json(run / CONFIG)
+    model = create_model(saved["model"], **saved["model_options"])
+    weights, _ = load_tensors(run / WEIGHTS)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{run / WEIGHTS}: does not match {run / CONFIG} ({first})") from None
+    return Classifier(
+        model, Preprocess(*load_preprocess(run)), saved["classes"], saved["input_size"]
+    )

@@ -1,0 +1,62 @@
+"""Training recipes as data: the paper's schedules, scaled to shorter budgets by proportion."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe: SGD with step decay, and an optional warm-up (Sec. 4.2)."""
+
+    name: str
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    iters: int = 64_000
+    milestones: tuple[int, ...] = (32_000, 48_000)
+    gamma: float = 0.1
+    # ResNet-110: lr 0.1 is too large to start converging, so use warmup_lr until the
+    # training error drops below warmup_until_error (about 400 iterations), then lr.
+    warmup_lr: float | None = None
+    warmup_until_error: float = 0.80
+    augment: bool = True
+    normalize: str = "pixel"
+
+    def scaled(self, iters: int) -> Recipe:
+        """The same recipe over `iters` iterations, milestones moved in proportion."""
+        if iters < 1:
+            raise ValueError(f"the number of iterations must be positive, got {iters}")
+        milestones = tuple(max(1, round(m * iters / self.iters)) for m in self.milestones)
+        return replace(self, iters=iters, milestones=milestones)
+
+    def lr_at(self, iteration: int, warming_up: bool) -> float:
+        """Learning rate of the given iteration."""
+        if warming_up and self.warmup_lr is not None:
+            return self.warmup_lr
+        return self.lr * self.gamma ** sum(iteration >= m for m in self.milestones)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready copy."""
+        return asdict(self)
+
+
+RECIPES = {
+    # Sec. 4.2: batch 128, lr 0.1, /10 at 32k and 48k, stop at 64k, wd 1e-4, momentum 0.9.
+    "cifar": Recipe("cifar"),
+    "cifar-warmup": Recipe("cifar-warmup", warmup_lr=0.01),
+}
+
+
+def default_recipe(model: str) -> str:
+    """The paper's recipe for a net: nets of 110 layers and more warm up (Sec. 4.2)."""
+    depth = int("".join(c for c in model if c.isdigit()) or 0)
+    return "cifar-warmup" if depth >= 110 else "cifar"
+
+
+def get_recipe(name: str) -> Recipe:
+    """A recipe by name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]

@@ -1,0 +1,444 @@
+"""Tests for deepres.data.readers and safe_pickle, on tiny fixtures in the official formats."""
+
+import gzip
+import json
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from deepres.data import DataError, available_splits, open_dataset, readers
+from deepres.data.readers import FASHION_MNIST_CLASSES
+from deepres.data.safe_pickle import restricted_loads
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer"] + [f"c{i}" for i in range(5, 10)]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch) -> Path:
+    """The default cache folder, private to the test and outside its data folder."""
+    # No test may write to the user's ~/.cache.
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("DEEPRES_CACHE", str(folder))
+    return folder
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
+
+
+# ---- CIFAR, python format
+
+
+def _write_cifar10_python(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [name.encode() for name in CIFAR10_NAMES]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    rows, labels = _rows(13, seed=0), np.arange(13) % 10
+    for i, batch in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        part = slice(2 * i, 2 * i + 2) if batch != "test_batch" else slice(10, 13)
+        content = {
+            b"batch_label": batch.encode(),
+            b"data": rows[part],
+            b"labels": [int(label) for label in labels[part]],
+        }
+        (folder / batch).write_bytes(pickle.dumps(content, protocol=2))
+    return rows, labels
+
+
+def test_cifar10_python_pixel_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10_python(tmp_path)
+    # One bright pixel: image 1 of batch 1, green plane, row 5, column 7.
+    rows = np.zeros((2, 3072), np.uint8)
+    rows[1, 1 * 1024 + 5 * 32 + 7] = 200
+    (folder / "data_batch_1").write_bytes(
+        pickle.dumps({b"data": rows, b"labels": [3, 4]}, protocol=2)
+    )
+    images = open_dataset(str(folder)).images
+    assert images[1, 1, 5, 7] == 200
+    assert images[:2].sum() == 200
+
+
+def test_cifar10_python_dir_and_tarball(tmp_path):
+    rows, labels = _write_cifar10_python(tmp_path / "dir")
+    expected = torch.from_numpy(rows.reshape(-1, 3, 32, 32))
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(tmp_path / "dir" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    for spec in (tmp_path / "dir", tarball):
+        train, test = open_dataset(str(spec)), open_dataset(str(spec), "test")
+        assert train.images.dtype == torch.uint8 and train.images.is_contiguous()
+        assert torch.equal(train.images, expected[:10]) and torch.equal(test.images, expected[10:])
+        assert train.labels.dtype == torch.int64
+        assert train.labels.tolist() == labels[:10].tolist()
+        assert test.labels.tolist() == labels[10:].tolist()
+        assert train.classes == CIFAR10_NAMES
+        assert available_splits(str(spec)) == ["train", "test"]
+
+
+def test_cifar10_python_missing_batch(tmp_path):
+    _write_cifar10_python(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(DataError, match="data_batch_4: missing"):
+        open_dataset(str(tmp_path))
+
+
+def test_cifar100_python(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    names = [f"fine{i}".encode() for i in range(100)]
+    meta = {b"fine_label_names": names, b"coarse_label_names": [b"x"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    rows = _rows(5, seed=1)
+    for split, part, fine in (("train", slice(0, 3), [99, 0, 42]), ("test", slice(3, 5), [7, 8])):
+        batch = {b"data": rows[part], b"fine_labels": fine, b"coarse_labels": [19] * len(fine)}
+        (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
+    train, test = open_dataset(str(folder)), open_dataset(str(folder), "test")
+    assert train.labels.tolist() == [99, 0, 42] and test.labels.tolist() == [7, 8]
+    assert train.classes[99] == "fine99" and len(train.classes) == 100
+    assert torch.equal(test.images, torch.from_numpy(rows[3:].reshape(-1, 3, 32, 32)))
+
+
+# ---- CIFAR, binary format
+
+
+def _write_cifar10_binary(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    (folder / "batches.meta.txt").write_text("\n".join(CIFAR10_NAMES) + "\n\n")
+    rows, labels = _rows(13, seed=2), (np.arange(13) * 3) % 10
+    records = np.concatenate([labels[:, None].astype(np.uint8), rows], axis=1)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}.bin").write_bytes(records[2 * i - 2 : 2 * i].tobytes())
+    (folder / "test_batch.bin").write_bytes(records[10:].tobytes())
+    return rows, labels
+
+
+def test_cifar10_binary_dir_and_tarball(tmp_path):
+    rows, labels = _write_cifar10_binary(tmp_path / "dir")
+    tarball = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(tmp_path / "dir" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+    for spec in (tmp_path / "dir" / "cifar-10-batches-bin", tarball):
+        train, test = open_dataset(str(spec)), open_dataset(str(spec), "test")
+        assert torch.equal(train.images, torch.from_numpy(rows[:10].reshape(-1, 3, 32, 32)))
+        assert train.labels.tolist() == labels[:10].tolist()
+        assert test.labels.tolist() == labels[10:].tolist()
+        assert train.classes == CIFAR10_NAMES
+
+
+def test_cifar10_binary_bad_length(tmp_path):
+    _write_cifar10_binary(tmp_path)
+    batch = tmp_path / "cifar-10-batches-bin" / "data_batch_3.bin"
+    batch.write_bytes(batch.read_bytes()[:-1])
+    with pytest.raises(DataError, match="data_batch_3.bin: 6145 bytes is not a whole number"):
+        open_dataset(str(tmp_path))
+
+
+def test_cifar100_binary_uses_fine_label(tmp_path):
+    folder = tmp_path / "cifar-100-binary"
+    folder.mkdir()
+    (folder / "fine_label_names.txt").write_text("\n".join(f"f{i}" for i in range(100)))
+    rows = _rows(2, seed=3)
+    coarse_fine = np.array([[1, 77], [19, 3]], np.uint8)
+    (folder / "train.bin").write_bytes(np.concatenate([coarse_fine, rows], axis=1).tobytes())
+    dataset = open_dataset(str(folder))
+    assert dataset.labels.tolist() == [77, 3] and dataset.classes[77] == "f77"
+    assert torch.equal(dataset.images, torch.from_numpy(rows.reshape(-1, 3, 32, 32)))
+
+
+# ---- restricted unpickler
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_loads_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({b"data": _Exploit(marker)}, protocol=2)
+    with pytest.raises(DataError, match=r"refusing to unpickle (posix|os)\.system"):
+        restricted_loads(payload, "evil")
+    assert not marker.exists()
+
+
+def test_open_dataset_refuses_code_in_cifar_batch(tmp_path):
+    _write_cifar10_python(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(pickle.dumps({b"data": _Exploit(marker), b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match="data_batch_2: refusing to unpickle"):
+        open_dataset(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_restricted_loads_reads_arrays_and_plain_data():
+    array = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    loaded = restricted_loads(pickle.dumps({b"data": array, b"labels": [1, 2], "s": "x"}, 2))
+    assert np.array_equal(loaded[b"data"], array) and loaded[b"data"].dtype == np.uint8
+    assert loaded[b"labels"] == [1, 2] and loaded["s"] == "x"
+    # Pickles written by numpy < 2 name numpy.core instead of numpy._core.
+    old = pickle.dumps(array, 2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert np.array_equal(restricted_loads(old), array)
+    # A Python 2 str (SHORT_BINSTRING) stays bytes, as the official CIFAR keys need.
+    assert restricted_loads(b"\x80\x02}U\x04dataK\x01s.") == {b"data": 1}
+
+
+def test_restricted_loads_malformed():
+    with pytest.raises(DataError, match="x.pkl: not a readable pickle"):
+        restricted_loads(b"\x80\x02}U\x04da", "x.pkl")
+
+
+# ---- IDX
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = struct.pack(f">I{array.ndim}I", 0x800 | array.ndim, *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_idx(folder: Path, compress: bool, n_test_labels: int = 2) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(4).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    files = {
+        "train-images-idx3-ubyte": _idx(images[:3]),
+        "train-labels-idx1-ubyte": _idx(np.array([9, 0, 4])),
+        "t10k-images-idx3-ubyte": _idx(images[3:]),
+        "t10k-labels-idx1-ubyte": _idx(np.array([1, 2, 3][:n_test_labels])),
+    }
+    for name, data in files.items():
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return images
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx(tmp_path, compress):
+    images = _write_idx(tmp_path / "digits", compress)
+    train = open_dataset(str(tmp_path / "digits"))
+    test = open_dataset(str(tmp_path / "digits"), "test")
+    assert train.images.shape == (3, 1, 28, 28) and test.images.shape == (2, 1, 28, 28)
+    assert torch.equal(train.images[:, 0], torch.from_numpy(images[:3]))
+    assert train.labels.tolist() == [9, 0, 4] and test.labels.tolist() == [1, 2]
+    assert train.classes == [str(i) for i in range(10)]
+
+
+def test_idx_bad_magic(tmp_path):
+    _write_idx(tmp_path, compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x02" + path.read_bytes()[4:])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: IDX magic number is 0x00000802"):
+        open_dataset(str(tmp_path))
+
+
+def test_idx_count_and_size_mismatch(tmp_path):
+    _write_idx(tmp_path, compress=True, n_test_labels=3)
+    with pytest.raises(DataError, match="2 images but .*t10k-labels-idx1-ubyte.gz has 3 labels"):
+        open_dataset(str(tmp_path), "test")
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-1]))
+    with pytest.raises(DataError, match="IDX header promises 3x28x28"):
+        open_dataset(str(tmp_path))
+
+
+def test_image_size_applies_to_idx_and_cifar(tmp_path):
+    images = _write_idx(tmp_path / "digits", compress=False)
+    _write_cifar10_binary(tmp_path / "cifar")
+    digits = open_dataset(str(tmp_path / "digits"), image_size=14)
+    # The same rule as for image folders: Pillow's bilinear resize of the shorter side.
+    expected = Image.fromarray(images[0]).resize((14, 14), Image.Resampling.BILINEAR)
+    assert digits.images.shape == (3, 1, 14, 14)
+    assert torch.equal(digits.images[0, 0], torch.from_numpy(np.array(expected)))
+    assert open_dataset(str(tmp_path / "cifar"), image_size=16).images.shape == (10, 3, 16, 16)
+
+
+def test_fashion_mnist_from_environment(tmp_path, monkeypatch):
+    _write_idx(tmp_path / "fixture", compress=True)
+    monkeypatch.setenv("DEEPRES_FASHION_MNIST_DIR", str(tmp_path / "fixture"))
+    dataset = open_dataset("fashion-mnist")
+    assert dataset.classes == FASHION_MNIST_CLASSES and dataset.classes[0] == "T-shirt/top"
+    assert dataset.labels.tolist() == [9, 0, 4]
+    monkeypatch.setenv("DEEPRES_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        open_dataset("fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist(monkeypatch):
+    monkeypatch.delenv("DEEPRES_FASHION_MNIST_DIR", raising=False)
+    train, test = open_dataset("fashion-mnist"), open_dataset("fashion-mnist", "test")
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert train.classes == FASHION_MNIST_CLASSES
+
+
+# ---- image folders
+
+
+def _image(path: Path, color, size=(8, 8), fmt="PNG", mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, format=fmt)
+
+
+def _write_classes(root: Path) -> None:
+    _image(root / "cats" / "a.png", (255, 0, 0))
+    _image(root / "cats" / "b.png", (0, 255, 0))
+    _image(root / "dogs" / "c.jpg", (128, 128, 128), fmt="JPEG")
+    # A GIF under a .jpg name, as real folders have: decoded by content.
+    _image(root / "dogs" / "d.jpg", (0, 0, 255), fmt="GIF")
+
+
+def test_image_folder_by_class(tmp_path):
+    _write_classes(tmp_path)
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    dataset = open_dataset(str(tmp_path))
+    assert dataset.images.shape == (4, 3, 8, 8) and dataset.images.dtype == torch.uint8
+    assert dataset.classes == ["cats", "dogs"] and dataset.labels.tolist() == [0, 0, 1, 1]
+    assert dataset.images[0, :, 3, 3].tolist() == [255, 0, 0]
+    assert dataset.images[3, :, 3, 3].tolist() == [0, 0, 255]
+    assert available_splits(str(tmp_path)) == ["train"]
+    with pytest.raises(DataError, match="no test split .*--val-split"):
+        open_dataset(str(tmp_path), "test")
+
+
+def test_image_folder_splits_wrapper_and_zip(tmp_path):
+    root = tmp_path / "dir"
+    _write_classes(root / "wrap" / "train")
+    _image(root / "wrap" / "val" / "dogs" / "e.png", (9, 9, 9))
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(root.rglob("*")):
+            zipped.write(path, path.relative_to(root).as_posix())
+        # macOS resource forks carry image names but no image.
+        zipped.writestr("__MACOSX/wrap/train/cats/._a.png", b"junk")
+    for spec in (root, archive):
+        assert available_splits(str(spec)) == ["train", "test"]
+        train, test = open_dataset(str(spec)), open_dataset(str(spec), "test")
+        assert train.labels.tolist() == [0, 0, 1, 1]
+        # 'val' is the test split, labelled with the training classes.
+        assert test.classes == ["cats", "dogs"] and test.labels.tolist() == [1]
+        assert test.images[0, :, 0, 0].tolist() == [9, 9, 9]
+    assert torch.equal(open_dataset(str(root)).images, open_dataset(str(archive)).images)
+
+
+def test_image_folder_grayscale_is_one_channel(tmp_path):
+    _image(tmp_path / "a" / "x.png", 7, mode="L")
+    _image(tmp_path / "b" / "y.png", 200, mode="L")
+    dataset = open_dataset(str(tmp_path))
+    assert dataset.images.shape == (2, 1, 8, 8) and dataset.images[1].unique().tolist() == [200]
+
+
+def test_image_folder_sizes(tmp_path):
+    _image(tmp_path / "a" / "square.png", (10, 20, 30))
+    # 8 wide, 4 high: black, white, black in columns 0-1, 2-5, 6-7.
+    wide = np.zeros((4, 8, 3), np.uint8)
+    wide[:, 2:6] = 255
+    (tmp_path / "b").mkdir()
+    Image.fromarray(wide).save(tmp_path / "b" / "wide.png")
+    with pytest.raises(
+        DataError, match=r"b/wide.png is 8x4 but .*a/square.png is 8x8.*--image-size"
+    ):
+        open_dataset(str(tmp_path))
+    dataset = open_dataset(str(tmp_path), image_size=4)
+    assert dataset.images.shape == (2, 3, 4, 4)
+    # Shorter side to 4 (a solid colour stays exact), then the centre 4x4: all white.
+    assert dataset.images[0, :, 0, 0].tolist() == [10, 20, 30]
+    assert dataset.images[1].unique().tolist() == [255]
+
+
+def test_image_folder_corrupt_file(tmp_path):
+    _write_classes(tmp_path)
+    (tmp_path / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(DataError, match=r"dogs/broken.jpg: cannot decode image"):
+        open_dataset(str(tmp_path))
+
+
+def test_not_a_dataset(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    for spec in (tmp_path / "notes.txt", tmp_path, tmp_path / "absent"):
+        with pytest.raises(DataError, match="expected fashion-mnist"):
+            open_dataset(str(spec))
+    with pytest.raises(DataError, match="split must be 'train' or 'test'"):
+        open_dataset(str(tmp_path), "validation")
+
+
+# ---- cache
+
+
+def _refuse_to_decode(*args):
+    raise AssertionError("decoded again instead of reading the cache")
+
+
+def test_cache_is_reused(tmp_path, monkeypatch):
+    rows, _ = _write_cifar10_binary(tmp_path / "data")
+    cache = tmp_path / "mycache"
+    first = open_dataset(str(tmp_path / "data"), cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(readers, "_read", _refuse_to_decode)
+    second = open_dataset(str(tmp_path / "data"), cache_dir=cache)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert (second.classes, second.source) == (first.classes, first.source)
+
+
+def test_cache_follows_the_source(tmp_path, cache):
+    _write_cifar10_binary(tmp_path)
+    batch = tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin"
+    before = open_dataset(str(tmp_path)).images
+    # Same size, new content and a newer mtime.
+    batch.write_bytes(bytes(255 - b if i % 3073 else b for i, b in enumerate(batch.read_bytes())))
+    stat = batch.stat()
+    os.utime(batch, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = open_dataset(str(tmp_path)).images
+    assert torch.equal(after[:2], 255 - before[:2]) and torch.equal(after[2:], before[2:])
+    # The entry for the old content was removed, not left to pile up.
+    assert len(list(cache.glob("*.safetensors"))) == 1
+
+
+def test_cache_follows_a_move_between_classes(tmp_path):
+    _write_classes(tmp_path / "data")
+    assert open_dataset(str(tmp_path / "data")).labels.tolist() == [0, 0, 1, 1]
+    os.replace(tmp_path / "data" / "cats" / "b.png", tmp_path / "data" / "dogs" / "b.png")
+    assert open_dataset(str(tmp_path / "data")).labels.tolist() == [0, 1, 1, 1]
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, cache, monkeypatch):
+    _write_idx(tmp_path / "digits", compress=False)
+    first = open_dataset(str(tmp_path / "digits"))
+    (entry,) = cache.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="ignoring unreadable dataset cache"):
+        rebuilt = open_dataset(str(tmp_path / "digits"))
+    assert torch.equal(rebuilt.images, first.images)
+    monkeypatch.setattr(readers, "_read", _refuse_to_decode)
+    assert torch.equal(open_dataset(str(tmp_path / "digits")).labels, first.labels)
+
+
+def test_inconsistent_cache_is_rebuilt(tmp_path, cache):
+    _write_idx(tmp_path / "digits", compress=False)
+    first = open_dataset(str(tmp_path / "digits"))
+    (entry,) = cache.glob("*.safetensors")
+    # A well-formed file whose labels point past the class list.
+    info = json.dumps({"classes": ["only"], "source": first.source})
+    tensors = {"images": first.images, "labels": first.labels}
+    save_file(tensors, entry, metadata={"deepres": info})
+    with pytest.warns(UserWarning, match="ignoring unreadable dataset cache"):
+        assert open_dataset(str(tmp_path / "digits")).classes == first.classes
