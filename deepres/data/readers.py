@@ -311,7 +311,7 @@ def _detect(source: _Source) -> tuple[str, str]:
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in _IMAGE_SUFFIXES
+    return os.path.splitext(name)[1].lower() in _IMAGE_SUFFIXES
 
 
 def _splits(source: _Source, kind: str, folder: str) -> list[str]:
@@ -621,9 +621,11 @@ def _load_cache(path: Path) -> ImageDataset | None:
     try:
         with safe_open(path, framework="pt") as file:
             info = json.loads(file.metadata()["deepres"])
+            # Copies, not views of the file's memory map: a cache file truncated in place
+            # later must not change, or fault on, a live tensor.
             dataset = ImageDataset(
-                images=file.get_tensor("images"),
-                labels=file.get_tensor("labels"),
+                images=file.get_tensor("images").clone(),
+                labels=file.get_tensor("labels").clone(),
                 classes=list(info["classes"]),
                 source=str(info["source"]),
             )
