@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 
 from deepres.data import DataError
 from deepres.evaluate import evaluate_run
+from deepres.experiments import EXPERIMENTS, reproduce
+from deepres.experiments.common import BUDGETS
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.train import TrainConfig, load_config, train
@@ -92,6 +95,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    models = args.models.split(",") if args.models else None
+    command = "deepres " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = reproduce(
+        args.experiment,
+        args.data,
+        args.budget,
+        args.out,
+        args.runs,
+        models,
+        args.val_split,
+        args.device,
+        progress=not args.quiet,
+        command=command,
+    )
+    out = args.out or f"reports/{args.experiment}-{args.budget}"
+    for claim in result["claims"]:
+        print(f"{claim['claim']}: {claim['verdict']}, {claim['evidence']}")
+    print(f"report: {Path(out) / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
@@ -142,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="run one of the paper's experiments, write a report")
+    p.add_argument("experiment", choices=list(EXPERIMENTS))
+    p.add_argument("--data", required=True)
+    p.add_argument("--budget", choices=list(BUDGETS), default="short")
+    p.add_argument("--out", help="report directory (default reports/EXPERIMENT-BUDGET)")
+    p.add_argument("--runs", help="where the training runs live (reused when present)")
+    p.add_argument("--models", help="comma-separated nets, e.g. plain20,plain56,resnet20")
+    p.add_argument("--val-split", type=int, help="default: 5000 when the data has no test split")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("predict", help="top-5 classes of images")
     p.add_argument("run", type=Path)

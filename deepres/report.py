@@ -10,6 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from deepres.checkpoint import write_json  # noqa: E402
+from deepres.experiments.paper import TABLE6_ERROR  # noqa: E402
+
 METRICS = "metrics.jsonl"
 
 
@@ -56,4 +59,153 @@ def plot_run(run: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+PAPER_SAYS = {
+    "degradation": "Fig. 6: the deeper plain net has the higher training error; the deeper "
+    "ResNet the lower.",
+    "responses": "Fig. 7: ResNets respond more weakly than their plain twins, and deeper "
+    "ResNets more weakly still.",
+    "table6": "Table 6: CIFAR-10 test error of the option-A ResNets.",
+    "shortcuts": "Table 3 (ImageNet, ResNet-34): A 25.03, B 24.52, C 24.19 top-1 error (%): "
+    "B slightly better than A, C marginally better than B.",
+}
+
+
+def _curve_panel(ax, result: dict, names: list[str], title: str) -> None:
+    for name in names:
+        c = result["runs"][name]["curve"]
+        (line,) = ax.plot(c["iteration"], c["train_error"], "--", lw=1)
+        ax.plot(c["eval_iteration"], c["eval_error"], "-", lw=2, color=line.get_color(), label=name)
+    style_axes(ax, title)
+
+
+def _figures(result: dict, out: Path) -> list[str]:
+    names = list(result["runs"])
+    experiment = result["experiment"]
+    files = []
+    if experiment in ("degradation", "table6", "shortcuts"):
+        groups = [
+            ("plain nets", [n for n in names if n.startswith("plain")]),
+            (
+                "ResNets",
+                [n for n in names if n.startswith("resnet") and "-" not in n and n != "resnet1202"],
+            ),
+            ("ResNet-110 vs ResNet-1202", [n for n in names if n in ("resnet110", "resnet1202")]),
+            (
+                "shortcut options",
+                [n for n in names if n.startswith("resnet") and experiment == "shortcuts"],
+            ),
+        ]
+        groups = [g for g in groups if g[1]]
+        if experiment == "shortcuts":
+            groups = groups[-1:]
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for ax, (title, group) in zip(axes[0], groups, strict=True):
+            _curve_panel(ax, result, group, title)
+        fig.suptitle(
+            f"{experiment}: training error (dashed), "
+            f"{_split(result)} error (solid), {result['budget']} budget"
+        )
+        files.append(_save(fig, out / f"{experiment}.png"))
+    if experiment == "responses":
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7))
+        for name, stds in result["responses"].items():
+            top.plot(range(1, len(stds) + 1), stds, marker=".", label=name)
+            bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), marker=".", label=name)
+        top.set_xlabel("layer index (original)")
+        bottom.set_xlabel("layer index (sorted by magnitude)")
+        for ax in (top, bottom):
+            ax.set_ylabel("std")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Responses of the 3x3 layers (after BN, before addition/ReLU)")
+        files.append(_save(fig, out / "responses.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _split(result: dict) -> str:
+    return "validation" if result["val_split"] else "test"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_report(result: dict, out: Path) -> Path:
+    """DIR/results.json, the figures and DIR/report.md of one experiment's result."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result)
+    figures = _figures(result, out)
+    m = result["machine"]
+    split = _split(result)
+    lines = [
+        f"# {result['experiment']}: {result['budget']} budget",
+        "",
+        PAPER_SAYS[result["experiment"]],
+        "",
+        "## What was run",
+        "",
+        f"- command: `{result['command']}`",
+        f"- data: `{result['data']}`; "
+        + (
+            f"{result['val_split']} training images held out, errors are **validation** errors"
+            if result["val_split"]
+            else "errors on the data's test split"
+        ),
+        f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
+        f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
+        f"- machine: {m['cpu']} ({m['cpu_count']} threads)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f", {m['platform']}",
+        f"- torch {m['torch']}, deepres commit `{m['git_commit']}`",
+        f"- training time of the runs: {result['training_seconds'] / 60:.1f} min; this "
+        f"invocation: {result['wall_seconds'] / 60:.1f} min (finished runs are reused)",
+        "",
+    ]
+    for name in figures:
+        lines += [f"![{name}]({name})", ""]
+    lines += [
+        "## Numbers",
+        "",
+        f"| net | params | iterations | training error % | {split} error % | "
+        "paper's test error % (Table 6) | gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["runs"].items():
+        paper = TABLE6_ERROR.get(name)
+        gap = None if paper is None or r["test_error"] is None else r["test_error"] - paper
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['iters']} | {_pct(r['train_error'])} | "
+            f"{_pct(r['test_error'])} | {_pct(paper)} | {_pct(gap)} |"
+        )
+    if "responses" in result:
+        lines += ["", f"Response std, mean over layers ({result['n_images']} {split} images):", ""]
+        lines += [
+            f"- {n}: {sum(v) / len(v):.3f} over {len(v)} layers"
+            for n, v in result["responses"].items()
+        ]
+    lines += ["", "## The paper's claims, judged by these numbers", ""]
+    for c in result["claims"]:
+        lines.append(f"- {c['claim']}: **{c['verdict']}**, {c['evidence']}")
+    if not result["claims"]:
+        lines.append("- (no claim can be judged with the nets that were run)")
+    lines += [
+        "",
+        "The paper's numbers come from the full 64k-iteration schedule on the original "
+        "CIFAR-10 test set; a shorter budget or other data gives higher errors, so compare "
+        "the direction of each claim, not the size of the errors.",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
     return path

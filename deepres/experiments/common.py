@@ -1,0 +1,152 @@
+"""What every experiment shares: budgets, training or reusing its runs, and run results."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
+from deepres.models import count_params, create_model
+from deepres.report import read_metrics
+from deepres.train import SUMMARY, TrainConfig, load_config, train
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each net of an experiment trains, and the batch it trains with."""
+
+    name: str
+    iters: int
+    batch_size: int | None = None
+    log_every: int = 50
+    evals: int = 40
+
+
+BUDGETS = {
+    # Seconds on tiny data: for tests and a first look.
+    "smoke": Budget("smoke", iters=4, batch_size=16, log_every=2, evals=2),
+    # Fits this project's 2-core CPU: the four-net degradation run within about 90 minutes.
+    "short": Budget("short", iters=2000, evals=20),
+    # The paper's schedule: 64k iterations of batch 128 (Sec. 4.2); for a GPU.
+    "full": Budget("full", iters=64_000),
+}
+
+
+@dataclass
+class Context:
+    """One `deepres reproduce` invocation: where the runs go and how they are trained."""
+
+    data: str
+    budget: Budget
+    runs_dir: Path
+    val_split: int
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def config(self, name: str, model: str, **options) -> TrainConfig:
+        """The TrainConfig of one run of this experiment."""
+        return TrainConfig(
+            model=model,
+            data=self.data,
+            out=str(self.runs_dir / name),
+            iters=self.budget.iters,
+            batch_size=self.budget.batch_size,
+            val_split=self.val_split,
+            seed=self.seed,
+            log_every=self.budget.log_every,
+            eval_every=max(1, self.budget.iters // self.budget.evals),
+            checkpoint_every=max(1, self.budget.iters // 10),
+            device=self.device,
+            **options,
+        )
+
+
+def ensure_run(ctx: Context, config: TrainConfig) -> Path:
+    """Train a run, resume it if it was stopped, or reuse it if it is finished."""
+    run = Path(config.out)
+    if (run / CONFIG).exists():
+        saved = load_config(run)
+        if replace(saved, device=config.device) != config:
+            raise ValueError(
+                f"{run}: holds a run with other settings; remove it or choose another --runs"
+            )
+        if (run / SUMMARY).exists():
+            return run
+        if (run / CHECKPOINT).exists():
+            train(saved, resume=True, progress=ctx.progress)
+            return run
+        raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
+    train(config, progress=ctx.progress)
+    return run
+
+
+def run_result(run: Path) -> dict:
+    """Final errors, params and curves of a finished run, in %."""
+    saved = read_json(run / CONFIG)
+    metrics = read_metrics(run)
+    split = saved["eval_split"]
+    evaluated = [m for m in metrics if f"{split}_error" in m]
+    model = create_model(saved["model"], **saved["model_options"])
+    return {
+        "run": str(run),
+        "model": saved["model"],
+        "train_error": metrics[-1]["train_error"],
+        "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
+        "eval_split": split,
+        "iters": metrics[-1]["iteration"],
+        "params": count_params(model),
+        "seconds": metrics[-1]["seconds"],
+        "curve": {
+            "iteration": [m["iteration"] for m in metrics],
+            "train_error": [m["train_error"] for m in metrics],
+            "eval_iteration": [m["iteration"] for m in evaluated],
+            "eval_error": [m[f"{split}_error"] for m in evaluated],
+        },
+    }
+
+
+def machine() -> dict:
+    """The machine, torch version and git commit a result was made with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout deepres runs from, or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def verdict(claim: str, holds: bool, evidence: str) -> dict:
+    """One of the paper's claims with what our numbers say of it."""
+    return {"claim": claim, "verdict": "yes" if holds else "no", "evidence": evidence}

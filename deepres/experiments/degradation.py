@@ -1,0 +1,78 @@
+"""Fig. 6: plain nets get worse with depth, ResNets better (training and test error)."""
+
+from __future__ import annotations
+
+from deepres.experiments.common import Context, ensure_run, run_result, verdict
+
+PLAIN = ["plain20", "plain32", "plain44", "plain56"]
+RESIDUAL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+
+
+def default_models(budget: str) -> list[str]:
+    """The nets of Fig. 6; ResNet-1202 only at the full budget."""
+    return PLAIN + RESIDUAL + (["resnet1202"] if budget == "full" else [])
+
+
+def depth(name: str) -> int:
+    """The depth in a net's name."""
+    return int("".join(c for c in name if c.isdigit()))
+
+
+def run(ctx: Context, models: list[str]) -> dict:
+    """Train (or reuse) every net with the same recipe; return their curves and claims."""
+    runs = {name: run_result(ensure_run(ctx, ctx.config(name, name))) for name in models}
+    return {"runs": runs, "claims": claims(runs)}
+
+
+def claims(runs: dict) -> list[dict]:
+    """The paper's Fig. 6 claims, judged on the nets that were run."""
+    out = []
+    plain = sorted((n for n in runs if n.startswith("plain")), key=depth)
+    resnets = sorted((n for n in runs if n.startswith("resnet") and depth(n) <= 110), key=depth)
+    if len(plain) >= 2:
+        shallow, deep = runs[plain[0]], runs[plain[-1]]
+        out.append(
+            verdict(
+                f"{plain[-1]} trains to a higher training error than {plain[0]} "
+                "(the degradation problem)",
+                deep["train_error"] > shallow["train_error"],
+                f"{deep['train_error']:.2f}% vs {shallow['train_error']:.2f}%",
+            )
+        )
+    if len(resnets) >= 2:
+        shallow, deep = runs[resnets[0]], runs[resnets[-1]]
+        out.append(
+            verdict(
+                f"{resnets[-1]} trains to a lower training error than {resnets[0]}",
+                deep["train_error"] < shallow["train_error"],
+                f"{deep['train_error']:.2f}% vs {shallow['train_error']:.2f}%",
+            )
+        )
+        out.append(
+            verdict(
+                f"{resnets[-1]} reaches a lower {deep['eval_split']} error than {resnets[0]}",
+                deep["test_error"] < shallow["test_error"],
+                f"{deep['test_error']:.2f}% vs {shallow['test_error']:.2f}%",
+            )
+        )
+    for p in plain:
+        twin = "resnet" + p[len("plain") :]
+        if twin in runs:
+            a, b = runs[twin], runs[p]
+            out.append(
+                verdict(
+                    f"{twin} reaches a lower training error than its plain twin {p}",
+                    a["train_error"] < b["train_error"],
+                    f"{a['train_error']:.2f}% vs {b['train_error']:.2f}%",
+                )
+            )
+    if "resnet1202" in runs and "resnet110" in runs:
+        big, small = runs["resnet1202"], runs["resnet110"]
+        out.append(
+            verdict(
+                "resnet1202 has a higher test error than resnet110 (it overfits)",
+                big["test_error"] > small["test_error"],
+                f"{big['test_error']:.2f}% vs {small['test_error']:.2f}%",
+            )
+        )
+    return out

@@ -1,0 +1,17 @@
+"""The paper's own CIFAR-10 numbers, to set beside ours (Table 6, Sec. 4.2)."""
+
+# Table 6: test error (%) of the option-A ResNets on CIFAR-10.
+TABLE6_ERROR = {
+    "resnet20": 8.75,
+    "resnet32": 7.51,
+    "resnet44": 7.17,
+    "resnet56": 6.97,
+    "resnet110": 6.43,
+    "resnet1202": 7.93,
+}
+TABLE6_NOTE = {
+    "resnet110": "best of 5 runs; mean 6.61 +/- 0.16",
+    "resnet1202": "overfits: training error < 0.1%",
+}
+# Table 3 asks which shortcut is best on ImageNet (ResNet-34, 10-crop top-1 error %).
+TABLE3_RESNET34_TOP1 = {"A": 25.03, "B": 24.52, "C": 24.19}

@@ -1,0 +1,40 @@
+"""Table 3's question at CIFAR scale: shortcut options A, B and C on the same net."""
+
+from __future__ import annotations
+
+from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.experiments.paper import TABLE3_RESNET34_TOP1
+
+
+def default_models(budget: str) -> list[str]:
+    """The net whose shortcuts are compared."""
+    return ["resnet20"]
+
+
+def run(ctx: Context, models: list[str]) -> dict:
+    """Train one net with each option; the option-A run is the ordinary run of that net."""
+    runs = {}
+    for model in models:
+        for option in "ABC":
+            # Option A is each CIFAR net's default, so its run is shared with other experiments.
+            name = model if option == "A" else f"{model}-{option}"
+            config = ctx.config(name, model, shortcut=None if option == "A" else option)
+            runs[name] = {**run_result(ensure_run(ctx, config)), "shortcut": option}
+    claims = []
+    for model in models:
+        a, b, c = runs[model], runs[f"{model}-B"], runs[f"{model}-C"]
+        claims.append(
+            verdict(
+                f"{model}: projection shortcuts (B) beat zero-padding (A) slightly",
+                b["test_error"] < a["test_error"],
+                f"B {b['test_error']:.2f}% vs A {a['test_error']:.2f}%",
+            )
+        )
+        claims.append(
+            verdict(
+                f"{model}: projecting every shortcut (C) beats B marginally",
+                c["test_error"] < b["test_error"],
+                f"C {c['test_error']:.2f}% vs B {b['test_error']:.2f}%",
+            )
+        )
+    return {"runs": runs, "claims": claims, "paper_resnet34_top1": TABLE3_RESNET34_TOP1}

@@ -1,0 +1,43 @@
+"""Table 6: CIFAR-10 error of ResNet-20..110 (and 1202 at the full budget) beside the paper's."""
+
+from __future__ import annotations
+
+from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.experiments.paper import TABLE6_ERROR, TABLE6_NOTE
+
+
+def default_models(budget: str) -> list[str]:
+    """The nets of Table 6; ResNet-1202 only at the full budget."""
+    names = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+    return names + (["resnet1202"] if budget == "full" else [])
+
+
+def run(ctx: Context, models: list[str]) -> dict:
+    """Train (or reuse) each net; return our error, the paper's and the gap."""
+    runs = {name: run_result(ensure_run(ctx, ctx.config(name, name))) for name in models}
+    table = []
+    for name, r in runs.items():
+        paper = TABLE6_ERROR.get(name)
+        table.append(
+            {
+                "model": name,
+                "params": r["params"],
+                "ours": r["test_error"],
+                "eval_split": r["eval_split"],
+                "paper": paper,
+                "gap": None if paper is None else r["test_error"] - paper,
+                "note": TABLE6_NOTE.get(name, ""),
+            }
+        )
+    claims = []
+    ordered = [n for n in TABLE6_ERROR if n in runs and n != "resnet1202"]
+    if len(ordered) >= 2:
+        errors = [runs[n]["test_error"] for n in ordered]
+        claims.append(
+            verdict(
+                "error falls as depth grows from " + ordered[0] + " to " + ordered[-1],
+                errors[-1] < errors[0],
+                ", ".join(f"{n} {e:.2f}%" for n, e in zip(ordered, errors, strict=True)),
+            )
+        )
+    return {"runs": runs, "table": table, "claims": claims}

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from deepres.cli import main
+from deepres.experiments import reproduce
+from deepres.experiments.common import BUDGETS, Context, ensure_run
+from deepres.experiments.responses import layer_stds, response_layers
+from deepres.models import create_model
+
+
+def smoke(tiny_folder, tmp_path, experiment, models):
+    return reproduce(
+        experiment,
+        str(tiny_folder),
+        "smoke",
+        out=tmp_path / experiment,
+        runs=tmp_path / "runs",
+        models=models,
+        progress=False,
+        command="test",
+    )
+
+
+def check_report(result, out, figures):
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"].keys() == result["runs"].keys()
+    report = (out / "report.md").read_text()
+    for name, r in saved["runs"].items():
+        assert r["iters"] == BUDGETS["smoke"].iters
+        assert 0 <= r["train_error"] <= 100 and 0 <= r["test_error"] <= 100
+        assert r["eval_split"] == "test"
+        assert f"| {name} | {r['params']:,} |" in report
+    for claim in saved["claims"]:
+        assert claim["verdict"] in ("yes", "no")
+        assert f"{claim['claim']}: **{claim['verdict']}**" in report
+    for figure in figures:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure})" in report
+    assert saved["machine"]["torch"] == torch.__version__
+    return saved
+
+
+def test_degradation_smoke_and_reuse(tiny_folder, tmp_path):
+    models = ["plain20", "plain32", "resnet20", "resnet32"]
+    result = smoke(tiny_folder, tmp_path, "degradation", models)
+    saved = check_report(result, tmp_path / "degradation", ["degradation.png"])
+    claims = [c["claim"] for c in saved["claims"]]
+    assert any("plain32 trains to a higher training error than plain20" in c for c in claims)
+    assert any("its plain twin plain32" in c for c in claims)
+    # Its runs are ordinary runs: reused as they are by the next experiment.
+    before = (tmp_path / "runs" / "resnet20" / "model.safetensors").stat().st_mtime_ns
+    again = smoke(tiny_folder, tmp_path, "table6", ["resnet20", "resnet32"])
+    assert (tmp_path / "runs" / "resnet20" / "model.safetensors").stat().st_mtime_ns == before
+    assert again["runs"]["resnet20"]["test_error"] == result["runs"]["resnet20"]["test_error"]
+    table = {row["model"]: row for row in again["table"]}
+    assert table["resnet20"]["paper"] == 8.75
+    assert table["resnet20"]["gap"] == pytest.approx(table["resnet20"]["ours"] - 8.75)
+    check_report(again, tmp_path / "table6", [])
+
+
+def test_responses_smoke(tiny_folder, tmp_path):
+    result = smoke(tiny_folder, tmp_path, "responses", ["plain20", "resnet20"])
+    saved = check_report(result, tmp_path / "responses", ["responses.png"])
+    # 3x3 layers of a 20-layer net: the stem's and two per block.
+    assert [len(saved["responses"][n]) for n in ("plain20", "resnet20")] == [19, 19]
+    assert all(s > 0 for s in saved["responses"]["resnet20"])
+    assert any("resnet20 responds more weakly than plain20" in c["claim"] for c in saved["claims"])
+
+
+def test_shortcuts_smoke(tiny_folder, tmp_path):
+    result = smoke(tiny_folder, tmp_path, "shortcuts", ["resnet20"])
+    check_report(result, tmp_path / "shortcuts", ["shortcuts.png"])
+    assert [r["shortcut"] for r in result["runs"].values()] == ["A", "B", "C"]
+    assert (
+        result["runs"]["resnet20-C"]["params"]
+        > result["runs"]["resnet20-B"]["params"]
+        > (result["runs"]["resnet20"]["params"])
+    )
+
+
+def test_layer_stds_match_a_direct_computation():
+    model = create_model("resnet20").eval()
+    x = torch.randn(6, 3, 32, 32)
+    outputs = []
+    # clone: the in-place ReLU after a BN would otherwise overwrite what was kept
+    handles = [
+        m.register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
+        for m in response_layers(model)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    stds = layer_stds(model, [x[:4], x[4:]])
+    assert len(stds) == 19
+    expected = [o.double().std(unbiased=False).item() for o in outputs]
+    assert stds == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_run_with_other_settings_is_not_reused(tiny_folder, tmp_path):
+    ctx = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=0, progress=False)
+    ensure_run(ctx, ctx.config("resnet20", "resnet20"))
+    other = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=12, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_run(other, other.config("resnet20", "resnet20"))
+
+
+def test_cli_reproduce(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = [
+        "reproduce",
+        "degradation",
+        "--data",
+        str(tiny_folder),
+        "--budget",
+        "smoke",
+        "--models",
+        "plain20,resnet20",
+        "--out",
+        str(out),
+        "--runs",
+        str(tmp_path / "r"),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["runs"]) == {"plain20", "resnet20"}
+    assert saved["command"].startswith("deepres ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "nothing", "--data", str(tiny_folder)])
+    assert exit_info.value.code == 2
