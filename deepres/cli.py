@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
 from deepres.data import DataError
 from deepres.evaluate import evaluate_run
 from deepres.experiments import EXPERIMENTS, reproduce
@@ -116,6 +117,57 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"report: {Path(out) / 'report.md'}")
 
 
+def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    if args.save:
+        print(f"deepres bench: saved to {save_result(result, args.results_dir)}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(lines))
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    config = TrainBench(
+        model=args.model,
+        data=args.data,
+        iters=args.iters,
+        epochs=args.epochs,
+        windows=args.windows,
+        device=args.device,
+        batch_size=args.batch_size,
+        width=args.width,
+        val_split=args.val_split,
+        workers=args.workers,
+    )
+    r = run_train_benchmark(config, args.command_line)
+    lines = [
+        f"{r['model']} training, batch {r['batch_size']}, {r['iters']} iterations on {r['device']}",
+        f"{'':<10}{'images/s':>10}{'seconds':>10}{'val error %':>13}",
+    ]
+    for side in ("deepres", "reference"):
+        error = r.get(f"{side}_val_error")
+        lines.append(
+            f"{side:<10}{r[f'{side}_images_per_sec']:>10.1f}{r[f'{side}_seconds']:>10.1f}"
+            f"{'-' if error is None else f'{error:.2f}':>13}"
+        )
+    lines.append(f"ratio {r['ratio']:.2f}x images/s, {r['time_ratio']:.2f}x wall time")
+    _print_bench(args, r, lines)
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> None:
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    r = run_infer_benchmark(
+        args.model, sizes, args.iters, args.device, args.image_size, args.command_line
+    )
+    lines = [
+        f"{r['model']} inference at {r['image_size']}x{r['image_size']} on {r['device']}",
+        f"{'batch':<8}{'deepres':>12}{'reference':>12}{'ratio':>8}  (images/s)",
+    ]
+    for b, row in r["batch_sizes"].items():
+        lines.append(
+            f"{b:<8}{row['deepres_images_per_sec']:>12.1f}"
+            f"{row['reference_images_per_sec']:>12.1f}{row['ratio']:>7.2f}x"
+        )
+    _print_bench(args, r, lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
@@ -184,12 +236,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="time deepres against the plain-PyTorch reference")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    save = argparse.ArgumentParser(add_help=False)
+    save.add_argument("--device", default="cpu", help="cpu or cuda")
+    save.add_argument("--json", action="store_true")
+    save.add_argument("--save", action="store_true", help="add the result to --results-dir")
+    save.add_argument("--results-dir", type=Path, default=RESULTS, metavar="DIR")
+
+    p = bench.add_parser("train", parents=[save], help="training images/s, deepres and reference")
+    p.add_argument("--model", default="resnet20", help="a CIFAR ResNet")
+    p.add_argument("--data", required=True, help="an image folder or .zip of train/<class>/*")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=int, default=60)
+    budget.add_argument("--epochs", type=float, help="instead of --iters")
+    p.add_argument("--windows", type=int, default=6, help="timing windows; the first is warm-up")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=int, help="filters of the first stage")
+    p.add_argument(
+        "--val-split",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold out deepres's N validation images on both sides and score them at the end",
+    )
+    p.add_argument("--workers", type=int, default=2, help="the reference's DataLoader workers")
+    p.set_defaults(func=cmd_bench_train)
+
+    p = bench.add_parser("infer", parents=[save], help="inference images/s, deepres and reference")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch-sizes", default="32,1", metavar="B,B")
+    p.add_argument("--iters", type=int, default=10, help="timed passes per batch size")
+    p.add_argument("--image-size", type=int, default=224)
+    p.set_defaults(func=cmd_bench_infer)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deepres` console script."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["deepres", *argv])
     try:
         args.func(args)
     except (ValueError, OSError) as err:

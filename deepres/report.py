@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from deepres.checkpoint import write_json  # noqa: E402
-from deepres.experiments.paper import TABLE6_ERROR  # noqa: E402
+from deepres.paper import TABLE6_ERROR  # noqa: E402
 
 METRICS = "metrics.jsonl"
 
@@ -164,7 +164,7 @@ def write_report(result: dict, out: Path) -> Path:
         ),
         f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
-        f"- machine: {m['cpu']} ({m['cpu_count']} threads)"
+        f"- machine: {m['cpu']} ({m['cpu_count']} cores)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f", {m['platform']}",
         f"- torch {m['torch']}, deepres commit `{m['git_commit']}`",

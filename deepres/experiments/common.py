@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, replace
@@ -123,7 +124,8 @@ def machine() -> dict:
     info = {
         "platform": platform.platform(),
         "cpu": cpu,
-        "cpu_count": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "git_commit": git_commit(),
     }

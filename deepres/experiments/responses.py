@@ -36,7 +36,6 @@ def layer_stds(model: torch.nn.Module, batches) -> list[float]:
     def hook(i):
         def record(module, inputs, output):
             # Read now: the in-place ReLU that follows a BN overwrites its output later.
-
             x = output.double()
             sums[i] += torch.stack([torch.tensor(x.numel()), x.sum(), (x * x).sum()])
 

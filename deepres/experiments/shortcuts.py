@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
-from deepres.experiments.paper import TABLE3_RESNET34_TOP1
+from deepres.paper import TABLE3_RESNET34_TOP1
 
 
 def default_models(budget: str) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
-from deepres.experiments.paper import TABLE6_ERROR, TABLE6_NOTE
+from deepres.paper import TABLE6_ERROR, TABLE6_NOTE
 
 
 def default_models(budget: str) -> list[str]:

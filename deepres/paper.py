@@ -1,4 +1,4 @@
-"""The paper's own CIFAR-10 numbers, to set beside ours (Table 6, Sec. 4.2)."""
+"""The paper's own numbers, to set beside ours (Table 3, Table 6, Sec. 4.2)."""
 
 # Table 6: test error (%) of the option-A ResNets on CIFAR-10.
 TABLE6_ERROR = {

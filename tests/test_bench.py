@@ -1,0 +1,123 @@
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepres.bench import REFERENCE, save_result
+from deepres.cli import main
+from deepres.inference import fold_batchnorm
+from deepres.models import count_params, create_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread here and in the reference's process: these nets are too small to share."""
+    # On a busy machine OpenMP threads that wait for each other make tiny ops 100x slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """benchmarks/reference.py, loaded from its file as `deepres bench` runs it."""
+    spec = importlib.util.spec_from_file_location("reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, params", [("resnet20", 269_722), ("resnet50", 25_557_032)])
+def test_reference_nets_have_deepres_parameter_counts(reference, name, params):
+    assert count_params(reference.build_model(name)) == params
+    assert count_params(create_model(name)) == params
+
+
+def test_reference_nets_reject_what_they_do_not_have(reference):
+    with pytest.raises(ValueError, match="resnet1202"):
+        reference.build_model("plain20")
+
+
+def test_reference_augmentation_crops_the_padded_image_and_flips(reference):
+    pixels = np.random.default_rng(0).integers(1, 256, (6, 5, 3), dtype=np.uint8)
+    padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)))
+    crops = {
+        (dy, dx, flip): crop[:, ::-1] if flip else crop
+        for dy in range(9)
+        for dx in range(9)
+        for flip in (False, True)
+        for crop in [padded[dy : dy + 6, dx : dx + 5]]
+    }
+    flips = set()
+    torch.manual_seed(0)
+    for _ in range(30):
+        out = np.asarray(reference.pad_crop_flip(Image.fromarray(pixels)))
+        matches = [key for key, crop in crops.items() if np.array_equal(out, crop)]
+        assert len(matches) == 1, "not one (flipped) crop of the zero-padded image"
+        flips.add(matches[0][2])
+    assert flips == {False, True}
+
+
+def test_folded_batchnorm_gives_the_same_outputs():
+    torch.manual_seed(0)
+    nets = [(create_model("resnet50", width=8), 64), (create_model("resnet20", width=4), 16)]
+    for net, size in nets:
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
+        x = torch.randn(2, 3, size, size)
+        folded = fold_batchnorm(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_train_cli_compares_both_sides_and_saves(tiny_folder, tmp_path, capsys):
+    argv = ["bench", "train", "--model", "resnet20", "--data", str(tiny_folder)]
+    argv += ["--iters", "4", "--windows", "2", "--batch-size", "8", "--width", "4"]
+    argv += ["--val-split", "12", "--workers", "1", "--json"]
+    argv += ["--save", "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    ours, theirs = result["deepres_images_per_sec"], result["reference_images_per_sec"]
+    assert ours > 0 and theirs > 0
+    assert result["ratio"] == pytest.approx(ours / theirs)
+    assert len(result["windows"]["deepres"]) == len(result["windows"]["reference"]) == 2
+    for side in ("deepres", "reference"):
+        assert 0 <= result[f"{side}_val_error"] <= 100
+    assert result["command"].startswith("deepres bench train")
+    assert {"torch", "git_commit", "date", "machine"} <= result.keys()
+    (saved,) = tmp_path.glob("cpu-*.json")
+    assert json.loads(saved.read_text())["runs"] == [result]
+
+
+def test_bench_infer_cli(tmp_path, capsys):
+    argv = ["bench", "infer", "--model", "resnet20", "--batch-sizes", "2,1"]
+    argv += ["--iters", "2", "--image-size", "16", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["batch_sizes"]) == {"2", "1"}
+    for row in result["batch_sizes"].values():
+        assert row["deepres_images_per_sec"] > 0 and row["reference_images_per_sec"] > 0
+
+
+def test_saved_results_keep_earlier_runs(tmp_path):
+    run = {"date": "2026-01-02T03:04:05+00:00", "device_name": "NVIDIA H100 80GB HBM3"}
+    save_result({**run, "n": 1}, tmp_path)
+    path = save_result({**run, "n": 2}, tmp_path)
+    assert path.name == "nvidia-h100-80gb-hbm3-2026-01-02.json"
+    saved = json.loads(path.read_text())
+    assert [r["n"] for r in saved["runs"]] == [1, 2]
+
+
+def test_bench_train_refuses_nets_the_reference_lacks(tiny_folder, capsys):
+    assert main(["bench", "train", "--model", "resnet50", "--data", str(tiny_folder)]) == 2
+    assert "CIFAR ResNets" in capsys.readouterr().err
