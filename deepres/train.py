@@ -110,11 +110,8 @@ def train(
     if not resume and (run / CONFIG).exists():
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
     device = _device(config.device)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.benchmark = not config.deterministic
     if config.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {config.precision!r}")
 

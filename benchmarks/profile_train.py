@@ -1,0 +1,116 @@
+"""Where a deepres training step spends its time: torch.profiler totals by kind, as JSON.
+
+    .venv/bin/python benchmarks/profile_train.py --model resnet20 --iters 20
+
+Runs deepres's own data path (device-resident uint8 images, batched crop and flip) and step
+on random CIFAR-shaped data; the split is by the self time of each operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from deepres import create_model
+from deepres.data.loader import BatchStream, Preprocess
+
+# First match wins: the optimizer's _foreach_add_ must not count as a residual addition.
+KINDS = {
+    "optimizer": ("_foreach", "sgd", "optimizer"),
+    "convolution": ("conv", "mkldnn_convolution"),
+    "batch_norm": ("batch_norm",),
+    "relu_and_add": ("relu", "threshold", "aten::add"),
+    "data": (
+        "index",
+        "pad",
+        "randint",
+        "rand",
+        "randperm",
+        "where",
+        "arange",
+        "aten::to",
+        "copy_",
+        "div",
+        "sub",
+        "contiguous",
+        "clone",
+    ),
+    "loss_and_head": (
+        "cross_entropy",
+        "log_softmax",
+        "nll_loss",
+        "addmm",
+        "mm",
+        "mean",
+        "avg_pool",
+        "argmax",
+    ),
+}
+
+
+def kind_of(name: str) -> str:
+    """Which kind of work an operator name belongs to."""
+    name = name.lower()
+    for kind, keys in KINDS.items():
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    """Profile a few training steps and print seconds per kind of work."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (4096,))
+    model = create_model(args.model).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    stream = BatchStream(
+        images, labels, Preprocess.fit(images), args.batch_size, seed=0, channels_last=True
+    )
+
+    def step(i: int) -> None:
+        x, y = stream.batch(i)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(3):
+        step(i)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(args.iters):
+            step(3 + i)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = kind_of(event.key)
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    whole = sum(totals.values())
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "iters": args.iters,
+                "batch_size": args.batch_size,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "seconds_per_step": whole / args.iters,
+                "share": {
+                    k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

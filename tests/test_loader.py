@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from deepres.data.loader import BatchStream, Preprocess, pad_crop_flip, split_train_val
+
+
+def test_pad_crop_flip_gives_crops_of_the_padded_image_and_flips_some():
+    x = torch.rand(64, 3, 6, 5) + 1  # no zeros, so the padding is recognisable
+    out = pad_crop_flip(x, torch.Generator().manual_seed(0), pad=4)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flipped = 0
+    for i in range(len(x)):
+        crops = [
+            (flip, padded[i, :, dy : dy + 6, dx : dx + 5])
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+        ]
+        matches = [f for f, c in crops if torch.equal(out[i], c.flip(2) if f else c)]
+        assert matches, f"sample {i} is not a crop of its padded image"
+        flipped += matches[0]
+    assert 16 < flipped < 48
+
+
+def test_pad_crop_flip_depends_on_the_generator_only():
+    x = torch.rand(8, 3, 8, 8)
+    a = pad_crop_flip(x, torch.Generator().manual_seed(1))
+    b = pad_crop_flip(x, torch.Generator().manual_seed(1))
+    c = pad_crop_flip(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_split_is_fixed_disjoint_and_complete():
+    train, val = split_train_val(100, 10)
+    again_train, again_val = split_train_val(100, 10)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert len(val) == 10 and len(train) == 90
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert val.tolist() != list(range(10))
+    with pytest.raises(ValueError, match="val-split"):
+        split_train_val(100, 100)
+
+
+def test_preprocess_pixel_mean_and_channel_statistics():
+    images = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
+    pixel = Preprocess.fit(images, "pixel")
+    expected = images.double().div(255).mean(0)
+    assert torch.allclose(pixel.mean.double(), expected, atol=1e-6)
+    assert torch.allclose(
+        pixel(images).double().mean(0), torch.zeros(3, 4, 4, dtype=torch.float64), atol=1e-5
+    )
+    channel = Preprocess.fit(images, "channel")
+    out = channel(images).double()
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(
+        out.std((0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-4
+    )
+    with pytest.raises(ValueError, match="normalize"):
+        Preprocess.fit(images, "zca")
+
+
+def test_batch_stream_visits_every_image_once_per_epoch_and_is_stateless():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 4, 4).clone()
+    labels = torch.arange(40)
+    pre = Preprocess(torch.zeros(1, 4, 4), torch.ones(1, 1, 1))
+    stream = BatchStream(images, labels, pre, batch_size=8, seed=3, augment=False)
+    assert stream.steps_per_epoch == 5
+    epoch0 = torch.cat([stream.batch(i)[1] for i in range(5)])
+    epoch1 = torch.cat([stream.batch(i)[1] for i in range(5, 10)])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(40))
+    assert epoch0.tolist() != epoch1.tolist()
+    # Labels travel with their images, and a fresh stream gives the same batch for an iteration.
+    x, y = stream.batch(7)
+    assert torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+    fresh = BatchStream(images, labels, pre, batch_size=8, seed=3, augment=False)
+    assert torch.equal(fresh.batch(7)[1], y)
+    with pytest.raises(ValueError, match="batch-size"):
+        BatchStream(images, labels, pre, batch_size=64, seed=0)
