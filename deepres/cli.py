@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
 from deepres.data import DataError
+from deepres.distributed import world
 from deepres.evaluate import evaluate_run
 from deepres.experiments import EXPERIMENTS, reproduce
 from deepres.experiments.common import BUDGETS
@@ -70,7 +71,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             image_size=args.image_size,
         )
         summary = train(config, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    # Under torchrun every rank returns the summary; one copy is enough on stdout.
+    if world()[0] == 0:
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 
 A run directory holds config.json (everything needed to rebuild the net and its input),
 preprocess.safetensors (the mean image), model.safetensors (weights), checkpoint.safetensors
-(what a resume needs), metrics.jsonl, curves.png and, at the end, summary.json.
+(what a resume needs), metrics.jsonl, curves.png and, at the end, summary.json. Under
+torchrun (see deepres.distributed) rank 0 alone writes them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from deepres import distributed
 from deepres.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -103,13 +105,30 @@ class _StopFlag:
 def train(
     config: TrainConfig, resume: bool = False, stop_at: int | None = None, progress: bool = True
 ) -> dict:
-    """Train (or resume) a run; stop_at ends the session early at that iteration, resumably."""
+    """Train (or resume) a run; stop_at ends the session early at that iteration, resumably.
+
+    Launched by `torchrun --nproc_per_node N -m deepres.cli train ...`, N processes train the
+    run together with DDP: the recipe's batch size stays the global batch, split evenly.
+    """
+    device = distributed.setup(_device(config.device))
+    try:
+        return _train(config, resume, stop_at, progress, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(
+    config: TrainConfig, resume: bool, stop_at: int | None, progress: bool, device: torch.device
+) -> dict:
+    rank, world_size = distributed.world()
+    main = rank == 0
     run = Path(config.out)
     if resume and not (run / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run / CHECKPOINT}: no checkpoint to resume from; start again")
     if not resume and (run / CONFIG).exists():
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
-    device = _device(config.device)
+    # Every rank has looked before rank 0 writes config.json.
+    distributed.barrier()
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = not config.deterministic
     if config.precision not in ("fp32", "bf16"):
@@ -158,6 +177,21 @@ def train(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
 
+    # Built before anything is written: a batch that cannot be drawn leaves no half-made run.
+    preprocess = (
+        Preprocess(*load_preprocess(run)) if resume else Preprocess.fit(train_images, normalize)
+    ).to(device)
+    stream = BatchStream(
+        train_images.to(device),
+        dataset.labels[train_idx].to(device),
+        preprocess,
+        recipe.batch_size,
+        config.seed,
+        recipe.augment,
+        config.channels_last,
+        shard=(rank, world_size),
+    )
+
     run.mkdir(parents=True, exist_ok=True)
     state = {
         "iteration": 0,
@@ -166,11 +200,10 @@ def train(
         "window": [0.0, 0.0, 0],
     }
     if resume:
-        preprocess = Preprocess(*load_preprocess(run))
         state = load_checkpoint(run, model, optimizer)
-        _truncate_metrics(run / METRICS, state["iteration"])
-    else:
-        preprocess = Preprocess.fit(train_images, normalize)
+        if main:
+            _truncate_metrics(run / METRICS, state["iteration"])
+    elif main:
         saved = {
             "config": asdict(config),
             "model": config.model,
@@ -190,16 +223,12 @@ def train(
         write_json(run / CONFIG, saved)
         save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
         (run / METRICS).write_text("")
-    preprocess = preprocess.to(device)
-    stream = BatchStream(
-        train_images.to(device),
-        dataset.labels[train_idx].to(device),
-        preprocess,
-        recipe.batch_size,
-        config.seed,
-        recipe.augment,
-        config.channels_last,
-    )
+    # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
+    # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
+    replica = distributed.wrap(model, device)
+    # Rank 0 alone evaluates, on the unwrapped net: no collective waits on the others.
+    if not main:
+        eval_images = None
     if eval_images is not None:
         eval_images = eval_images.to(device)
 
@@ -210,14 +239,15 @@ def train(
         else {}
     )
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    window_loss, window_err, window_n = state["window"]
+    # A saved window holds the sums over all ranks: rank 0 carries them on.
+    window_loss, window_err, window_n = state["window"] if main else [0.0, 0.0, 0]
     window_loss = torch.tensor(window_loss, device=device)
     window_err = torch.tensor(window_err, device=device)
     start_iter = state["iteration"]
     bar = tqdm(
         total=recipe.iters,
         initial=start_iter,
-        disable=not progress,
+        disable=not (progress and main),
         unit="it",
         dynamic_ncols=True,
         desc=config.model,
@@ -226,6 +256,7 @@ def train(
     t_session = t_window
     seconds_before = state["seconds"]
     iteration = start_iter
+    agreed_stop = False
     try:
         while iteration < recipe.iters:
             lr = recipe.lr_at(iteration, state["warming_up"])
@@ -233,7 +264,7 @@ def train(
                 group["lr"] = lr
             x, y = stream.batch(iteration)
             with amp:
-                logits = model(x)
+                logits = replica(x)
                 loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,14 +277,21 @@ def train(
             bar.update(1)
 
             if iteration % log_every == 0 or iteration == recipe.iters:
+                # Sums over the ranks: the record covers the global batch, and a signal that
+                # any rank caught stops them all at this same step.
+                loss_sum, err_sum, images, stops = distributed.sum_over_ranks(
+                    [window_loss, window_err, window_n, stop.raised], device
+                )
+                agreed_stop = stops > 0
                 now = time.perf_counter()
                 record = {
                     "iteration": iteration,
                     "epoch": round(iteration / steps_per_epoch, 3),
-                    "train_loss": float(window_loss) / window_n,
-                    "train_error": 100.0 * float(window_err) / window_n,
+                    "train_loss": loss_sum / images,
+                    "train_error": 100.0 * err_sum / images,
+                    "images": int(images),
                     "lr": lr,
-                    "images_per_sec": window_n / max(now - t_window, 1e-9),
+                    "images_per_sec": images / max(now - t_window, 1e-9),
                 }
                 if state["warming_up"] and record["train_error"] < 100 * recipe.warmup_until_error:
                     state["warming_up"] = False
@@ -268,8 +306,9 @@ def train(
                     ]
                 state["seconds"] = seconds_before + time.perf_counter() - t_session
                 record["seconds"] = round(state["seconds"], 3)
-                with open(run / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if main:
+                    with open(run / METRICS, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 bar.set_postfix(
                     loss=f"{record['train_loss']:.3f}",
                     err=f"{record['train_error']:.1f}%",
@@ -282,13 +321,20 @@ def train(
                 t_window = time.perf_counter()
 
             due = iteration % config.checkpoint_every == 0 or iteration == recipe.iters
-            halt = stop.raised or (stop_at is not None and iteration >= stop_at)
+            # Under torchrun the ranks must stop at the same step: a signal counts once agreed.
+            signalled = agreed_stop if world_size > 1 else stop.raised
+            halt = signalled or (stop_at is not None and iteration >= stop_at)
             if due or halt:
                 state["iteration"] = iteration
                 state["seconds"] = seconds_before + time.perf_counter() - t_session
-                state["window"] = [float(window_loss), float(window_err), window_n]
-                save_checkpoint(run, model, optimizer, state)
-                save_tensors(run / WEIGHTS, model.state_dict())
+                loss_sum, err_sum, images = distributed.sum_over_ranks(
+                    [window_loss, window_err, window_n], device
+                )
+                state["window"] = [loss_sum, err_sum, int(images)]
+                if main:
+                    # The unwrapped net's names, so that runs resume with or without torchrun.
+                    save_checkpoint(run, model, optimizer, state)
+                    save_tensors(run / WEIGHTS, model.state_dict())
             if halt:
                 break
     finally:
@@ -296,6 +342,8 @@ def train(
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    # The others read the metrics.jsonl that rank 0 has just finished.
+    distributed.barrier()
     finished = iteration >= recipe.iters
     summary = {
         "run": str(run),
@@ -317,9 +365,10 @@ def train(
             * recipe.batch_size
             / max(state["seconds"] - seconds_before, 1e-9)
         )
-    plot_run(run)
-    if finished:
-        write_json(run / SUMMARY, summary)
+    if main:
+        plot_run(run)
+        if finished:
+            write_json(run / SUMMARY, summary)
     return summary
 
 

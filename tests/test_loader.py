@@ -77,3 +77,20 @@ def test_batch_stream_visits_every_image_once_per_epoch_and_is_stateless():
     assert torch.equal(fresh.batch(7)[1], y)
     with pytest.raises(ValueError, match="batch-size"):
         BatchStream(images, labels, pre, batch_size=64, seed=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_batch_stream_shards_make_up_the_single_process_batch(world):
+    images = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(40)
+    pre = Preprocess.fit(images)
+    whole = BatchStream(images, labels, pre, batch_size=8, seed=3)
+    shards = [BatchStream(images, labels, pre, 8, seed=3, shard=(r, world)) for r in range(world)]
+    for iteration in (0, 4, 5, 11):  # the same draws across an epoch boundary too
+        x, y = whole.batch(iteration)
+        parts = [s.batch(iteration) for s in shards]
+        assert all(len(p[1]) == 8 // world for p in parts)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        BatchStream(images, labels, pre, batch_size=8, seed=0, shard=(0, 3))

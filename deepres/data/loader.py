@@ -60,13 +60,21 @@ class Preprocess(nn.Module):
         return (images.float() / 255 - self.mean) / self.std
 
 
-def pad_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """The paper's CIFAR augmentation on a whole batch: zero-pad, random crop, random h-flip."""
+def pad_crop_flip(
+    x: torch.Tensor, generator: torch.Generator, pad: int = 4, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
+    """The paper's CIFAR augmentation on a whole batch: zero-pad, random crop, random h-flip.
+
+    With shard=(rank, world), x is that rank's share of a global batch `world` times larger:
+    the draws are the global batch's, so the shards together are augmented as the whole.
+    """
     b, c, h, w = x.shape
+    rank, world = shard
+    mine = slice(rank * b, (rank + 1) * b)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (b * world,), device=x.device, generator=generator)[mine]
+    dx = torch.randint(0, 2 * pad + 1, (b * world,), device=x.device, generator=generator)[mine]
+    flip = (torch.rand(b * world, device=x.device, generator=generator) < 0.5)[mine]
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = torch.arange(w, device=x.device).expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
@@ -76,7 +84,11 @@ def pad_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 
 class BatchStream:
-    """Training batches by iteration number: epoch-wise shuffles, augmentation on the device."""
+    """Training batches by iteration number: epoch-wise shuffles, augmentation on the device.
+
+    With shard=(rank, world), batch() gives that rank's contiguous share of the global batch
+    of batch_size images; the shares of all ranks together are the single-process batch.
+    """
 
     def __init__(
         self,
@@ -87,11 +99,17 @@ class BatchStream:
         seed: int,
         augment: bool = True,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.shape[0] < batch_size:
             raise ValueError(
                 f"the training set has {images.shape[0]} images, fewer than one batch of "
                 f"{batch_size}; lower --batch-size"
+            )
+        if batch_size % shard[1]:
+            raise ValueError(
+                f"--batch-size {batch_size} does not split evenly over {shard[1]} processes; "
+                f"choose a multiple of {shard[1]}"
             )
         self.images, self.labels = images, labels
         self.preprocess = preprocess
@@ -99,6 +117,7 @@ class BatchStream:
         self.seed = seed
         self.augment = augment
         self.channels_last = channels_last
+        self.shard = shard
         # Every step sees a full batch (BN statistics); the remainder waits for the next epoch.
         self.steps_per_epoch = images.shape[0] // batch_size
         self._epoch = -1
@@ -110,16 +129,19 @@ class BatchStream:
         )
 
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented, normalised batch of the given iteration and its labels."""
+        """The augmented, normalised batch (this rank's share) of an iteration, and its labels."""
         epoch, step = divmod(iteration, self.steps_per_epoch)
         if epoch != self._epoch:
             gen = self._generator(0, epoch, torch.device("cpu"))
             self._order = torch.randperm(self.images.shape[0], generator=gen).to(self.images.device)
             self._epoch = epoch
-        index = self._order[step * self.batch_size : (step + 1) * self.batch_size]
+        rank, world = self.shard
+        share = self.batch_size // world
+        start = step * self.batch_size + rank * share
+        index = self._order[start : start + share]
         x = self.preprocess(self.images[index])
         if self.augment:
-            x = pad_crop_flip(x, self._generator(1, iteration, x.device))
+            x = pad_crop_flip(x, self._generator(1, iteration, x.device), shard=self.shard)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[index]

@@ -1,0 +1,69 @@
+"""Data-parallel training over processes, switched on by the environment torchrun sets.
+
+`torchrun --nproc_per_node N -m deepres.cli train ...` starts N copies of one run. Each takes
+its share of every global batch, DDP averages the gradients, and rank 0 alone writes the run
+directory. Outside torchrun every function here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def world() -> tuple[int, int]:
+    """This process's rank and the number of processes; (0, 1) outside torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        return 0, 1
+    return int(os.environ["RANK"]), world_size
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join torchrun's process group when launched by it; the device this process trains on."""
+    if world()[1] == 1:
+        return device
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE is set, but this PyTorch build has no torch.distributed")
+    if device.type == "cuda":
+        # One GPU per process, the one torchrun numbered for this node.
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def teardown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process gets here, so that what rank 0 wrote before is there to read."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model in DistributedDataParallel inside a process group, else the model itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sum_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Each value summed over all processes (a single process's own values outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    # float64, so that image counts and error counts stay exact; on the training device,
+    # because NCCL reduces only GPU tensors.
+    sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(sums)
+    return sums.tolist()

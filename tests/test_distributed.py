@@ -1,0 +1,69 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+import deepres
+from deepres.report import read_metrics
+from deepres.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="this PyTorch build has no torch.distributed with the gloo backend",
+)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`deepres` under torchrun with two CPU processes, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    return subprocess.run(
+        [*command, "2", "-m", "deepres.cli", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_two_processes_train_one_run(tiny_folder, tmp_path):
+    run = tmp_path / "ddp"
+    flags = ["--model", "resnet20", "--width", "4", "--iters", "6", "--batch-size", "16"]
+    done = torchrun(
+        "train", *flags, "--data", str(tiny_folder), "--out", str(run), "--quiet", "--deterministic"
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # one copy, from rank 0
+    assert summary["finished"] and summary["iteration"] == 6
+    for name in ["config.json", "model.safetensors", "metrics.jsonl", "summary.json"]:
+        assert (run / name).is_file(), name
+    # Both ranks' halves counted: 6 iterations of the global batch of 16.
+    assert [(m["iteration"], m["images"]) for m in read_metrics(run)] == [(6, 96)]
+    # A strict load: DDP's "module." names in the saved weights would fail it.
+    assert deepres.load(run).classes == ["blue", "green", "red"]
+
+
+def test_a_single_process_run_resumes_under_torchrun(tiny_folder, tmp_path):
+    run = tmp_path / "resumed"
+    config = TrainConfig(
+        model="resnet20",
+        data=str(tiny_folder),
+        out=str(run),
+        iters=6,
+        batch_size=16,
+        width=4,
+        log_every=2,
+        checkpoint_every=2,
+        deterministic=True,
+        device="cpu",
+    )
+    train(config, stop_at=3, progress=False)  # mid-window: iteration 3 is in the saved sums
+    done = torchrun("train", "--resume", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["finished"]
+    metrics = read_metrics(run)
+    assert [(m["iteration"], m["images"]) for m in metrics] == [(2, 32), (4, 32), (6, 32)]
+    assert all(0 <= m["train_error"] <= 100 for m in metrics)
+    assert json.loads((run / "summary.json").read_text())["iteration"] == 6
