@@ -26,9 +26,9 @@ import torch
 from deepres.checkpoint import read_json, write_json
 from deepres.data import open_dataset
 from deepres.data.loader import split_train_val
-from deepres.experiments.common import machine
 from deepres.inference import fold_batchnorm
 from deepres.models import create_model, model_family
+from deepres.provenance import machine
 from deepres.report import read_metrics
 from deepres.train import TrainConfig, train
 

@@ -167,7 +167,11 @@ def write_report(result: dict, out: Path) -> Path:
         f"- machine: {m['cpu']} ({m['cpu_count']} cores)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f", {m['platform']}",
-        f"- torch {m['torch']}, deepres commit `{m['git_commit']}`",
+        f"- torch {m['torch']}; deepres commit `{m['git_commit']}` for this report, "
+        + ", ".join(
+            f"`{c}`" for c in sorted({str(r.get("git_commit")) for r in result["runs"].values()})
+        )
+        + " for the training runs",
         f"- training time of the runs: {result['training_seconds'] / 60:.1f} min; this "
         f"invocation: {result['wall_seconds'] / 60:.1f} min (finished runs are reused)",
         "",

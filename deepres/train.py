@@ -37,6 +37,7 @@ from deepres.data import available_splits, open_dataset
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
 from deepres.evaluate import error_rates, predict_logits
 from deepres.models import create_model, model_family
+from deepres.provenance import git_commit
 from deepres.recipes import default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
 
@@ -219,6 +220,7 @@ def _train(
             "data_source": dataset.source,
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "git_commit": git_commit(),
         }
         write_json(run / CONFIG, saved)
         save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})

@@ -78,6 +78,7 @@ def test_run_directory_contents_and_metrics(tiny_folder, tmp_path):
     assert config["classes"] == ["blue", "green", "red"]
     assert config["input_size"] == [3, 12, 12]
     assert config["n_train"] == 60 and config["eval_split"] == "val"
+    assert len(config["git_commit"]) == 40
     assert config["recipe"]["milestones"] == [6, 9]
     metrics = read_metrics(run)
     assert [m["iteration"] for m in metrics] == [2, 4, 6, 8, 10, 12]

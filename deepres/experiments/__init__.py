@@ -8,7 +8,8 @@ from pathlib import Path
 
 from deepres.data import available_splits, open_dataset
 from deepres.experiments import degradation, responses, shortcuts, table6
-from deepres.experiments.common import BUDGETS, Context, machine
+from deepres.experiments.common import BUDGETS, Context
+from deepres.provenance import machine
 from deepres.report import write_report
 
 EXPERIMENTS = {
@@ -50,6 +51,8 @@ def reproduce(
         device=device,
         progress=progress,
     )
+    # Read before training: the commit of the code this process runs, not of a later checkout.
+    where = machine()
     start = time.perf_counter()
     result = module.run(ctx, models or module.default_models(budget))
     result = {
@@ -60,7 +63,7 @@ def reproduce(
         "val_split": val_split,
         "runs_dir": str(ctx.runs_dir),
         "command": command,
-        "machine": machine(),
+        "machine": where,
         "wall_seconds": time.perf_counter() - start,
         "training_seconds": sum(r["seconds"] for r in result["runs"].values()),
         **result,

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
 from deepres.models import count_params, create_model
@@ -102,6 +97,7 @@ def run_result(run: Path) -> dict:
         "iters": metrics[-1]["iteration"],
         "params": count_params(model),
         "seconds": metrics[-1]["seconds"],
+        "git_commit": saved.get("git_commit"),
         "curve": {
             "iteration": [m["iteration"] for m in metrics],
             "train_error": [m["train_error"] for m in metrics],
@@ -109,44 +105,6 @@ def run_result(run: Path) -> dict:
             "eval_error": [m[f"{split}_error"] for m in evaluated],
         },
     }
-
-
-def machine() -> dict:
-    """The machine, torch version and git commit a result was made with."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "git_commit": git_commit(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout deepres runs from, or None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:
