@@ -51,6 +51,7 @@ class TrainBench:
     width: int | None = None
     val_split: int = 0
     workers: int = 2
+    compile: bool = False
 
 
 def _check_device(device: str) -> None:
@@ -78,6 +79,7 @@ def bench_train(config: TrainBench, iters: int, workdir: Path) -> dict:
         log_every=window,
         device=config.device,
         width=config.width,
+        compile=config.compile,
     )
     start = time.perf_counter()
     summary = train(run, progress=False)
@@ -155,6 +157,7 @@ def run_train_benchmark(config: TrainBench, command: str = "") -> dict:
         "iters": iters,
         "window_iters": iters // config.windows,
         "batch_size": config.batch_size,
+        "deepres_compile": config.compile,
         "device": config.device,
         "deepres_images_per_sec": ours["images_per_sec"],
         "reference_images_per_sec": theirs["images_per_sec"],

@@ -69,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             width=args.width,
             normalize=args.normalize,
             image_size=args.image_size,
+            compile=args.compile,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
@@ -138,6 +139,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         width=args.width,
         val_split=args.val_split,
         workers=args.workers,
+        compile=args.compile,
     )
     r = run_train_benchmark(config, args.command_line)
     lines = [
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="filters of the first stage")
     p.add_argument("--normalize", choices=["pixel", "channel"])
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold out deepres's N validation images on both sides and score them at the end",
     )
     p.add_argument("--workers", type=int, default=2, help="the reference's DataLoader workers")
+    p.add_argument("--compile", action="store_true", help="deepres trains with --compile")
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser("infer", parents=[save], help="inference images/s, deepres and reference")

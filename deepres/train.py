@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = True
+    compile: bool = False
     shortcut: str | None = None
     width: int | None = None
     normalize: str | None = None
@@ -228,6 +229,10 @@ def _train(
     # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
     replica = distributed.wrap(model, device)
+    if config.compile:
+        # Fuses BN, ReLU and the additions around the convolutions: 12% more images/s on
+        # this project's 2-core CPU (measured; benchmarks/results), after ~30 s of compiling.
+        replica = torch.compile(replica)
     # Rank 0 alone evaluates, on the unwrapped net: no collective waits on the others.
     if not main:
         eval_images = None

@@ -205,3 +205,14 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     not_image.write_text("hello")
     assert main(["predict", str(run), str(not_image)]) == 2
     assert "x.jpg" in capsys.readouterr().err
+
+
+def test_compiled_training_resumes_exactly(tiny_folder, tmp_path):
+    whole = tiny_config(tiny_folder, tmp_path / "whole", iters=4, compile=True)
+    train(whole, progress=False)
+    stopped = replace(whole, out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=3, progress=False)
+    train(load_config(tmp_path / "stopped"), resume=True, progress=False)
+    assert load_config(tmp_path / "stopped").compile
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "stopped" / "model.safetensors").read_bytes()
