@@ -52,6 +52,7 @@ class TrainBench:
     val_split: int = 0
     workers: int = 2
     compile: bool = False
+    precision: str = "fp32"
 
 
 def _check_device(device: str) -> None:
@@ -80,6 +81,7 @@ def bench_train(config: TrainBench, iters: int, workdir: Path) -> dict:
         device=config.device,
         width=config.width,
         compile=config.compile,
+        precision=config.precision,
     )
     start = time.perf_counter()
     summary = train(run, progress=False)
@@ -158,6 +160,7 @@ def run_train_benchmark(config: TrainBench, command: str = "") -> dict:
         "window_iters": iters // config.windows,
         "batch_size": config.batch_size,
         "deepres_compile": config.compile,
+        "deepres_precision": config.precision,
         "device": config.device,
         "deepres_images_per_sec": ours["images_per_sec"],
         "reference_images_per_sec": theirs["images_per_sec"],

@@ -140,6 +140,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         val_split=args.val_split,
         workers=args.workers,
         compile=args.compile,
+        precision=args.precision,
     )
     r = run_train_benchmark(config, args.command_line)
     lines = [
@@ -269,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=2, help="the reference's DataLoader workers")
     p.add_argument("--compile", action="store_true", help="deepres trains with --compile")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="deepres's precision (the reference stays fp32)",
+    )
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser("infer", parents=[save], help="inference images/s, deepres and reference")

@@ -216,3 +216,17 @@ def test_compiled_training_resumes_exactly(tiny_folder, tmp_path):
     assert load_config(tmp_path / "stopped").compile
     a = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "stopped" / "model.safetensors").read_bytes()
+
+
+def test_bf16_autocast_trains_fp32_weights(tiny_folder, tmp_path):
+    train(tiny_config(tiny_folder, tmp_path / "fp32", iters=4), progress=False)
+    train(tiny_config(tiny_folder, tmp_path / "bf16", iters=4, precision="bf16"), progress=False)
+    metrics = read_metrics(tmp_path / "bf16")
+    assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # no NaN
+    weights = deepres.load(tmp_path / "bf16").model.state_dict()
+    assert weights["conv1.weight"].dtype == torch.float32
+    assert (tmp_path / "fp32" / "model.safetensors").read_bytes() != (
+        tmp_path / "bf16" / "model.safetensors"
+    ).read_bytes()
+    with pytest.raises(ValueError, match="precision"):
+        train(tiny_config(tiny_folder, tmp_path / "fp16", precision="fp16"), progress=False)
