@@ -24,17 +24,31 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(ax, metrics: list[dict], label: str, color=None) -> None:
+def curve(metrics: list[dict], split: str | None) -> dict:
+    """A run's training error and its evaluation error (test or val) against iterations."""
+    evaluated = [m for m in metrics if f"{split}_error" in m]
+    return {
+        "iteration": [m["iteration"] for m in metrics],
+        "train_error": [m["train_error"] for m in metrics],
+        "eval_iteration": [m["iteration"] for m in evaluated],
+        "eval_error": [m[f"{split}_error"] for m in evaluated],
+    }
+
+
+def plot_curves(ax, curve: dict, label: str) -> None:
     """Training error dashed, evaluation error solid, error % against iterations (Fig. 6)."""
-    its = [m["iteration"] for m in metrics]
-    (line,) = ax.plot(its, [m["train_error"] for m in metrics], "--", color=color, lw=1)
-    for key in ("test_error", "val_error"):
-        points = [(m["iteration"], m[key]) for m in metrics if key in m]
-        if points:
-            x, y = zip(*points, strict=True)
-            ax.plot(x, y, "-", color=line.get_color(), lw=2, label=label)
-            return
-    line.set_label(label)
+    (line,) = ax.plot(curve["iteration"], curve["train_error"], "--", lw=1)
+    if curve["eval_iteration"]:
+        ax.plot(
+            curve["eval_iteration"],
+            curve["eval_error"],
+            "-",
+            lw=2,
+            color=line.get_color(),
+            label=label,
+        )
+    else:
+        line.set_label(label)
 
 
 def style_axes(ax, title: str = "") -> None:
@@ -51,9 +65,10 @@ def plot_run(run: Path) -> Path:
     run = Path(run)
     fig, ax = plt.subplots(figsize=(6, 4))
     metrics = read_metrics(run)
-    name = json.loads((run / "config.json").read_text())["model"]
+    saved = json.loads((run / "config.json").read_text())
+    name = saved["model"]
     if metrics:
-        plot_curves(ax, metrics, name)
+        plot_curves(ax, curve(metrics, saved["eval_split"]), name)
     style_axes(ax, f"{name}: training (dashed) and evaluation (solid) error")
     path = run / "curves.png"
     fig.tight_layout()
@@ -75,9 +90,7 @@ PAPER_SAYS = {
 
 def _curve_panel(ax, result: dict, names: list[str], title: str) -> None:
     for name in names:
-        c = result["runs"][name]["curve"]
-        (line,) = ax.plot(c["iteration"], c["train_error"], "--", lw=1)
-        ax.plot(c["eval_iteration"], c["eval_error"], "-", lw=2, color=line.get_color(), label=name)
+        plot_curves(ax, result["runs"][name]["curve"], name)
     style_axes(ax, title)
 
 

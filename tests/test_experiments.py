@@ -31,6 +31,9 @@ def check_report(result, out, figures):
         assert r["iters"] == BUDGETS["smoke"].iters
         assert 0 <= r["train_error"] <= 100 and 0 <= r["test_error"] <= 100
         assert r["eval_split"] == "test"
+        assert r["curve"]["eval_error"][-1] == r["test_error"]
+        assert r["curve"]["iteration"][-1] == r["iters"]
+        assert len(r["curve"]["train_error"]) == len(r["curve"]["iteration"])
         assert f"| {name} | {r['params']:,} |" in report
     for claim in saved["claims"]:
         assert claim["verdict"] in ("yes", "no")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
 from deepres.models import count_params, create_model
-from deepres.report import read_metrics
+from deepres.report import curve, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
 
 
@@ -98,12 +98,7 @@ def run_result(run: Path) -> dict:
         "params": count_params(model),
         "seconds": metrics[-1]["seconds"],
         "git_commit": saved.get("git_commit"),
-        "curve": {
-            "iteration": [m["iteration"] for m in metrics],
-            "train_error": [m["train_error"] for m in metrics],
-            "eval_iteration": [m["iteration"] for m in evaluated],
-            "eval_error": [m[f"{split}_error"] for m in evaluated],
-        },
+        "curve": curve(metrics, split),
     }
 
 
