@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch first: an unpinned resolve would fetch a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint setup fashion-mnist
+.PHONY: demo test lint setup fashion-mnist campaign
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,16 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check --fix deepres tests benchmarks
 	$(VENV)/bin/ruff format deepres tests benchmarks
+
+# Issue 9's campaign: the paper's CIFAR-10 protocol at the full 64k budget on all 50k training
+# images, one net after another, each resumed where it stopped. Hours per net on a CPU: run it
+# in the background; SIGTERM to the training process checkpoints it and ends the campaign.
+CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
+CAMPAIGN_NETS ?= resnet20 resnet56 plain56 plain20 resnet32 resnet44 resnet110 plain110
+CAMPAIGN_RUNS := runs/reproduce-cifar10-jpeg-train-zip-full
+campaign: setup
+	@for m in $(CAMPAIGN_NETS); do \
+	  $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
+	    --models $$m --runs $(CAMPAIGN_RUNS) --out runs/campaign-reports/$$m; \
+	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign: $$m stopped"; exit 1; }; \
+	done
