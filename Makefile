@@ -51,9 +51,11 @@ lint: setup
 CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
 CAMPAIGN_NETS ?= resnet20 resnet56 plain56 plain20 resnet32 resnet44 resnet110 plain110
 CAMPAIGN_RUNS := runs/reproduce-cifar10-jpeg-train-zip-full
+# OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a training step slowed 4x whenever a
+# test or build shared the 2 cores; passive waits cost about 5% when the machine is idle.
 campaign: setup
 	@for m in $(CAMPAIGN_NETS); do \
-	  $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
+	  OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
 	    --models $$m --runs $(CAMPAIGN_RUNS) --out runs/campaign-reports/$$m; \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign: $$m stopped"; exit 1; }; \
 	done

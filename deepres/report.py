@@ -117,10 +117,8 @@ def _figures(result: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
         for ax, (title, group) in zip(axes[0], groups, strict=True):
             _curve_panel(ax, result, group, title)
-        fig.suptitle(
-            f"{experiment}: training error (dashed), "
-            f"{_split(result)} error (solid), {result['budget']} budget"
-        )
+        held_out = f", {_split(result)} error (solid)" if _split(result) else ""
+        fig.suptitle(f"{experiment}: training error (dashed){held_out}, {result['budget']} budget")
         files.append(_save(fig, out / f"{experiment}.png"))
     if experiment == "responses":
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7))
@@ -145,8 +143,10 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _split(result: dict) -> str:
-    return "validation" if result["val_split"] else "test"
+def _split(result: dict) -> str | None:
+    if result["val_split"]:
+        return "validation"
+    return "test" if any(r["eval_split"] for r in result["runs"].values()) else None
 
 
 def _pct(value) -> str:
@@ -170,11 +170,13 @@ def write_report(result: dict, out: Path) -> Path:
         "",
         f"- command: `{result['command']}`",
         f"- data: `{result['data']}`; "
-        + (
-            f"{result['val_split']} training images held out, errors are **validation** errors"
-            if result["val_split"]
-            else "errors on the data's test split"
-        ),
+        + {
+            "validation": f"{result['val_split']} training images held out, errors are "
+            "**validation** errors",
+            "test": "errors on the data's test split",
+            None: "every training image is trained on (the paper's final protocol) and no "
+            "test split is at hand: **training** error and loss only",
+        }[split],
         f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
         f"- machine: {m['cpu']} ({m['cpu_count']} cores)"
@@ -194,19 +196,30 @@ def write_report(result: dict, out: Path) -> Path:
     lines += [
         "## Numbers",
         "",
-        f"| net | params | iterations | training error % | {split} error % | "
-        "paper's test error % (Table 6) | gap |",
-        "|---|---|---|---|---|---|---|",
+        f"| net | params | iterations | training hours | training error % | training loss | "
+        f"{split or 'held-out'} error % | paper's test error % (Table 6) | gap |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
         paper = TABLE6_ERROR.get(name)
         gap = None if paper is None or r["test_error"] is None else r["test_error"] - paper
         lines.append(
-            f"| {name} | {r['params']:,} | {r['iters']} | {_pct(r['train_error'])} | "
-            f"{_pct(r['test_error'])} | {_pct(paper)} | {_pct(gap)} |"
+            f"| {name} | {r['params']:,} | {r['iters']} | {r['seconds'] / 3600:.2f} | "
+            f"{_pct(r['train_error'])} | "
+            f"{r['train_loss']:.4f} | {_pct(r['test_error'])} | {_pct(paper)} | {_pct(gap)} |"
         )
+    lines += [
+        "",
+        "Training error and loss: the mean over the last 1/128 of each run's iterations, on "
+        "the augmented batches the loop trained on (the thin curves of Fig. 6).",
+    ]
     if "responses" in result:
-        lines += ["", f"Response std, mean over layers ({result['n_images']} {split} images):", ""]
+        lines += [
+            "",
+            f"Response std, mean over layers ({result['n_images']} "
+            f"{result.get('response_images', split)} images):",
+            "",
+        ]
         lines += [
             f"- {n}: {sum(v) / len(v):.3f} over {len(v)} layers"
             for n, v in result["responses"].items()

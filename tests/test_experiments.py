@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import write_folder
 
 from deepres.cli import main
 from deepres.experiments import reproduce
-from deepres.experiments.common import BUDGETS, Context, ensure_run
+from deepres.experiments.common import BUDGETS, Context, ensure_run, final_training
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
 
@@ -135,3 +136,51 @@ def test_cli_reproduce(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["reproduce", "nothing", "--data", str(tiny_folder)])
     assert exit_info.value.code == 2
+
+
+def test_final_training_error_is_the_image_weighted_mean_of_the_last_128th():
+    metrics = [
+        {"iteration": i, "images": 100, "train_error": float(i), "train_loss": i / 10}
+        for i in range(50, 6401, 50)
+    ]
+    metrics[-1]["images"] = 300
+    # 6,400 iterations: the last 50 are the last record alone; 12,800: the last 100, two.
+    assert final_training(metrics) == (6400.0, 640.0)
+    metrics += [{"iteration": 12_750, "images": 100, "train_error": 1.0, "train_loss": 3.0}]
+    metrics += [{"iteration": 12_800, "images": 300, "train_error": 5.0, "train_loss": 1.0}]
+    assert final_training(metrics) == pytest.approx((4.0, 1.5))
+
+
+def test_trained_on_every_image_reports_training_error_only(tmp_path):
+    # One split and no hold-out: the paper's final protocol, as in issue 9's full runs.
+    data = write_folder(tmp_path / "one-split", per_class=24)
+    result = reproduce(
+        "table6",
+        str(data),
+        "smoke",
+        out=tmp_path / "table6",
+        runs=tmp_path / "runs",
+        models=["resnet20", "resnet32"],
+        val_split=0,
+        progress=False,
+        command="test",
+    )
+    for r in result["runs"].values():
+        assert r["eval_split"] is None and r["test_error"] is None
+        assert 0 <= r["train_error"] <= 100 and r["train_loss"] > 0
+    assert [row["gap"] for row in result["table"]] == [None, None]
+    assert result["claims"][0]["claim"].startswith("training error falls as depth grows")
+    report = (tmp_path / "table6" / "report.md").read_text()
+    assert "**training** error and loss only" in report
+    responses = reproduce(
+        "responses",
+        str(data),
+        "smoke",
+        out=tmp_path / "responses",
+        runs=tmp_path / "runs",
+        models=["resnet20"],
+        val_split=0,
+        progress=False,
+        command="test",
+    )
+    assert responses["response_images"] == "training" and responses["n_images"] == 71

@@ -83,6 +83,21 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
     return run
 
 
+def final_training(metrics: list[dict]) -> tuple[float, float]:
+    """Training error (%) and loss at the end of a run: the mean over its last 1/128.
+
+    A log record covers 50 augmented batches; at the full budget the last 1/128 is 500
+    iterations (64,000 images), which steadies the number without reaching back past the
+    last learning-rate step. At shorter budgets it is the last record alone.
+    """
+    last = metrics[-1]["iteration"]
+    tail = [m for m in metrics if m["iteration"] > last - max(1, last // 128)] or metrics[-1:]
+    images = sum(m["images"] for m in tail)
+    error = sum(m["train_error"] * m["images"] for m in tail) / images
+    loss = sum(m["train_loss"] * m["images"] for m in tail) / images
+    return error, loss
+
+
 def run_result(run: Path) -> dict:
     """Final errors, params and curves of a finished run, in %."""
     saved = read_json(run / CONFIG)
@@ -90,10 +105,12 @@ def run_result(run: Path) -> dict:
     split = saved["eval_split"]
     evaluated = [m for m in metrics if f"{split}_error" in m]
     model = create_model(saved["model"], **saved["model_options"])
+    train_error, train_loss = final_training(metrics)
     return {
         "run": str(run),
         "model": saved["model"],
-        "train_error": metrics[-1]["train_error"],
+        "train_error": train_error,
+        "train_loss": train_loss,
         "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
         "eval_split": split,
         "iters": metrics[-1]["iteration"],

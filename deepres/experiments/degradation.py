@@ -48,13 +48,14 @@ def claims(runs: dict) -> list[dict]:
                 f"{deep['train_error']:.2f}% vs {shallow['train_error']:.2f}%",
             )
         )
-        out.append(
-            verdict(
-                f"{resnets[-1]} reaches a lower {deep['eval_split']} error than {resnets[0]}",
-                deep["test_error"] < shallow["test_error"],
-                f"{deep['test_error']:.2f}% vs {shallow['test_error']:.2f}%",
+        if deep["test_error"] is not None and shallow["test_error"] is not None:
+            out.append(
+                verdict(
+                    f"{resnets[-1]} reaches a lower {deep['eval_split']} error than {resnets[0]}",
+                    deep["test_error"] < shallow["test_error"],
+                    f"{deep['test_error']:.2f}% vs {shallow['test_error']:.2f}%",
+                )
             )
-        )
     for p in plain:
         twin = "resnet" + p[len("plain") :]
         if twin in runs:
@@ -66,7 +67,11 @@ def claims(runs: dict) -> list[dict]:
                     f"{a['train_error']:.2f}% vs {b['train_error']:.2f}%",
                 )
             )
-    if "resnet1202" in runs and "resnet110" in runs:
+    if (
+        "resnet1202" in runs
+        and "resnet110" in runs
+        and runs["resnet1202"]["test_error"] is not None
+    ):
         big, small = runs["resnet1202"], runs["resnet110"]
         out.append(
             verdict(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deepres.data import open_dataset
+from deepres.data import available_splits, open_dataset
 from deepres.data.loader import split_train_val
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
 from deepres.inference import load
@@ -59,8 +59,15 @@ def run(ctx: Context, models: list[str]) -> dict:
     if ctx.val_split:
         dataset = open_dataset(ctx.data, "train")
         images = dataset.images[split_train_val(len(dataset.labels), ctx.val_split)[1]]
+        which = "validation"
+    elif "test" in available_splits(ctx.data):
+        images, which = open_dataset(ctx.data, "test").images, "test"
     else:
-        images = open_dataset(ctx.data, "test").images
+        # Trained on every image with no test split at hand: a fixed 10,000 of the training
+        # images, un-augmented, as many as the test set the paper measured on.
+        dataset = open_dataset(ctx.data, "train")
+        n = min(10_000, len(dataset.labels) - 1)
+        images, which = dataset.images[split_train_val(len(dataset.labels), n)[1]], "training"
     responses = {}
     for name in models:
         classifier = load(runs[name]["run"])
@@ -71,6 +78,7 @@ def run(ctx: Context, models: list[str]) -> dict:
         "responses": responses,
         "claims": claims(responses),
         "n_images": len(images),
+        "response_images": which,
     }
 
 
