@@ -18,6 +18,7 @@ from deepres.experiments import EXPERIMENTS, reproduce
 from deepres.experiments.common import BUDGETS
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
+from deepres.pretrained import describe, publish
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -119,6 +120,15 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     for claim in result["claims"]:
         print(f"{claim['claim']}: {claim['verdict']}, {claim['evidence']}")
     print(f"report: {Path(out) / 'report.md'}")
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    entry = publish(args.run, args.name, args.command_that_trained, bf16=args.bf16 or None)
+    print(json.dumps(entry, indent=2))
+
+
+def cmd_pretrained(args: argparse.Namespace) -> None:
+    print("\n".join(describe()) or "no shipped nets")
 
 
 def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
@@ -243,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("pretrained", help="the trained nets shipped with deepres, by name")
+    p.set_defaults(func=cmd_pretrained)
+
+    p = sub.add_parser("publish", help="ship a finished run's net under a name (maintainers)")
+    p.add_argument("run", type=Path)
+    p.add_argument("name", help="e.g. resnet20-cifar10")
+    p.add_argument(
+        "--command", dest="command_that_trained", required=True, help="how the run was trained"
+    )
+    p.add_argument("--bf16", action="store_true", help="store the weights in bf16")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("bench", help="time deepres against the plain-PyTorch reference")
     bench = p.add_subparsers(dest="bench_command", required=True)

@@ -11,6 +11,7 @@ from deepres.checkpoint import CONFIG, read_json
 from deepres.data import open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.inference import load
+from deepres.pretrained import resolve_run
 
 
 @torch.no_grad()
@@ -62,8 +63,9 @@ def evaluate_run(
     run: str | Path, data: str | None = None, split: str = "test", device: str = "cpu"
 ) -> dict:
     """Top-1/top-5 error of a trained run on a data set's test split or the run's held-out split."""
+    run = resolve_run(run)
     classifier = load(run)
-    saved = read_json(Path(run) / CONFIG)
+    saved = read_json(run / CONFIG)
     config = saved["config"]
     data = data or config["data"]
     if split == "val":

@@ -14,6 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from deepres.checkpoint import CONFIG, WEIGHTS, load_preprocess, load_tensors, read_json
 from deepres.data.loader import Preprocess
 from deepres.models import create_model
+from deepres.pretrained import resolve_run
 
 
 class Classifier:
@@ -65,8 +66,8 @@ class Classifier:
 
 
 def load(run: str | Path) -> Classifier:
-    """The trained net of a run directory, with its preprocessing, ready to classify."""
-    run = Path(run)
+    """The trained net of a run directory or shipped net, with its preprocessing, to classify."""
+    run = resolve_run(run)
     saved = read_json(run / CONFIG)
     model = create_model(saved["model"], **saved["model_options"])
     weights, _ = load_tensors(run / WEIGHTS)

@@ -1,0 +1,128 @@
+"""Trained nets shipped with deepres: a name like "resnet20-cifar10" wherever a run is taken.
+
+Each shipped net is a small run directory under deepres/weights/<name>/ (config.json,
+preprocess.safetensors, model.safetensors), so everything that opens a run opens it as it is;
+deepres/weights/manifest.json says where each came from and holds the sha256 of its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from deepres.checkpoint import (
+    CONFIG,
+    PREPROCESS,
+    WEIGHTS,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from deepres.models import count_params, create_model
+from deepres.report import read_metrics
+
+SHIPPED = Path(__file__).parent / "weights"
+MANIFEST = "manifest.json"
+# The issue's limit on a shipped file; larger nets are stored in bf16 (and say so).
+MAX_BYTES = 4 * 1024 * 1024
+
+
+def manifest(root: Path | None = None) -> dict[str, dict]:
+    """The shipped nets by name, with where each came from."""
+    path = Path(root or SHIPPED) / MANIFEST
+    return read_json(path)["nets"] if path.is_file() else {}
+
+
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_run(run: str | Path, root: Path | None = None) -> Path:
+    """The run directory `run` names: a path, or the name of a shipped net (checked by sha256)."""
+    path = Path(run)
+    if path.exists() or path.name != str(run):
+        return path
+    nets = manifest(root)
+    if str(run) not in nets:
+        shipped = ", ".join(nets) or "none"
+        raise FileNotFoundError(
+            f"{run}: no such run directory, nor a shipped net (shipped: {shipped})"
+        )
+    shipped_dir = Path(root or SHIPPED) / str(run)
+    if sha256(shipped_dir / WEIGHTS) != nets[str(run)]["sha256"]:
+        raise ValueError(f"{shipped_dir / WEIGHTS}: sha256 differs from the manifest's")
+    return shipped_dir
+
+
+def publish(
+    run: str | Path, name: str, command: str, root: Path | None = None, bf16: bool | None = None
+) -> dict:
+    """Copy a finished run's net into root/<name>/ and record it in root/manifest.json.
+
+    Weights are stored in fp32 unless they would pass MAX_BYTES (or bf16=True): then in bf16,
+    which `load` casts back to fp32.
+    """
+    run, root = Path(run), Path(root or SHIPPED)
+    if not (run / "summary.json").is_file():
+        raise ValueError(f"{run}: has no summary.json; only a finished run is published")
+    saved = read_json(run / CONFIG)
+    weights, _ = load_tensors(run / WEIGHTS)
+    fp32_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    if bf16 is None:
+        bf16 = fp32_bytes > MAX_BYTES
+    if bf16:
+        weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
+    out = root / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # A shipped net does not know where it was trained: drop the run's own directory.
+    saved["config"].pop("out", None)
+    write_json(out / CONFIG, saved)
+    shutil.copyfile(run / PREPROCESS, out / PREPROCESS)
+    save_tensors(out / WEIGHTS, weights)
+    # Deferred: deepres.experiments imports the training loop, which the readers need not.
+    from deepres.experiments.common import final_training
+
+    metrics = read_metrics(run)
+    train_error, train_loss = final_training(metrics)
+    entry = {
+        "name": name,
+        "model": saved["model"],
+        "params": count_params(create_model(saved["model"], **saved["model_options"])),
+        "data": saved.get("data_source", saved["config"]["data"]),
+        "classes": saved["classes"],
+        "iterations": metrics[-1]["iteration"],
+        "precision": saved["config"].get("precision", "fp32"),
+        "stored_as": "bf16" if bf16 else "fp32",
+        "train_error": round(train_error, 3),
+        "train_loss": round(train_loss, 5),
+        "eval_split": saved["eval_split"],
+        "command": command,
+        "git_commit": saved.get("git_commit"),
+        "torch": saved.get("torch"),
+        "sha256": sha256(out / WEIGHTS),
+        "bytes": (out / WEIGHTS).stat().st_size,
+    }
+    path = root / MANIFEST
+    nets = manifest(root)
+    nets[name] = entry
+    write_json(path, {"nets": dict(sorted(nets.items()))})
+    return entry
+
+
+def describe(root: Path | None = None) -> list[str]:
+    """One line per shipped net, for `deepres pretrained`."""
+    return [
+        f"{n:<20}{e['model']:<12}{e['params']:>11,}  {e['iterations']:>6} iters  "
+        f"train error {e['train_error']:.2f}%  {e['stored_as']}  {json.dumps(e['data'])}"
+        for n, e in manifest(root).items()
+    ]

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import deepres
+from deepres.checkpoint import WEIGHTS, load_tensors
+from deepres.cli import main
+from deepres.evaluate import evaluate_run
+from deepres.pretrained import manifest, publish, resolve_run, sha256
+from deepres.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    config = TrainConfig(
+        model="resnet20",
+        data=str(tiny_folder),
+        out=str(out),
+        iters=4,
+        batch_size=16,
+        width=4,
+        log_every=2,
+        checkpoint_every=4,
+        device="cpu",
+    )
+    train(config, progress=False)
+    return out
+
+
+@pytest.fixture
+def shipped(monkeypatch, tmp_path):
+    root = tmp_path / "weights"
+    monkeypatch.setattr("deepres.pretrained.SHIPPED", root)
+    return root
+
+
+def test_a_published_net_loads_by_name_with_the_runs_outputs(finished_run, shipped, tiny_folder):
+    entry = publish(finished_run, "tiny-colours", "deepres train ...", root=shipped)
+    assert manifest(shipped)["tiny-colours"] == entry
+    assert entry["sha256"] == sha256(shipped / "tiny-colours" / WEIGHTS)
+    assert entry["stored_as"] == "fp32" and entry["iterations"] == 4
+    assert entry["classes"] == ["blue", "green", "red"]
+    assert "out" not in json.loads((shipped / "tiny-colours" / "config.json").read_text())["config"]
+    batch = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    by_name = deepres.load("tiny-colours")(batch)
+    assert torch.equal(by_name, deepres.load(finished_run)(batch))
+    assert evaluate_run("tiny-colours", str(tiny_folder)) == {
+        **evaluate_run(finished_run, str(tiny_folder)),
+        "run": str(shipped / "tiny-colours"),
+    }
+
+
+def test_bf16_storage_is_cast_back_to_fp32(finished_run, shipped):
+    entry = publish(finished_run, "tiny-bf16", "cmd", root=shipped, bf16=True)
+    assert entry["stored_as"] == "bf16"
+    weights, _ = load_tensors(shipped / "tiny-bf16" / WEIGHTS)
+    assert weights["fc.weight"].dtype == torch.bfloat16
+    assert weights["bn1.num_batches_tracked"].dtype == torch.int64
+    model = deepres.load("tiny-bf16").model
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.fc.weight, weights["fc.weight"].float())
+
+
+def test_a_tampered_or_unknown_net_is_refused(finished_run, shipped):
+    publish(finished_run, "tiny-colours", "cmd", root=shipped)
+    with pytest.raises(FileNotFoundError, match=r"no-such-net: .*shipped: tiny-colours"):
+        resolve_run("no-such-net")
+    weights = shipped / "tiny-colours" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        deepres.load("tiny-colours")
+
+
+def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):
+    out = tmp_path / "half"
+    config = TrainConfig(
+        model="resnet20",
+        data=str(tiny_folder),
+        out=str(out),
+        iters=4,
+        batch_size=16,
+        width=4,
+        checkpoint_every=2,
+        device="cpu",
+    )
+    train(config, stop_at=2, progress=False)
+    with pytest.raises(ValueError, match="only a finished run"):
+        publish(out, "half", "cmd", root=shipped)
+    assert not (shipped / "half").exists()
+
+
+def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path, capsys):
+    assert main(["publish", str(finished_run), "tiny-colours", "--command", "make it"]) == 0
+    assert json.loads(capsys.readouterr().out)["command"] == "make it"
+    assert main(["pretrained"]) == 0
+    assert capsys.readouterr().out.startswith("tiny-colours")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (12, 12), (200, 30, 30)).save(image)
+    assert main(["predict", "tiny-colours", str(image)]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert main(["eval", "no-such-net"]) == 2
+    assert "no such run directory, nor a shipped net" in capsys.readouterr().err
