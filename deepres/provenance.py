@@ -9,20 +9,28 @@ from pathlib import Path
 
 import torch
 
+SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}
+
 
 def machine() -> dict:
     """The machine, torch version and git commit a result was made with."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if flags and cpu:
                 break
     except OSError:
         pass
     info = {
         "platform": platform.platform(),
         "cpu": cpu,
+        # The vector units a CPU speed depends on: the same torch runs 2x apart across these.
+        "cpu_flags": sorted(flags & SPEED_FLAGS),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

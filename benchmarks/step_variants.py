@@ -1,0 +1,105 @@
+"""The CPU training step, eager and compiled, measured side by side: images/s as JSON.
+
+    .venv/bin/python benchmarks/step_variants.py --model resnet20 --rounds 5
+
+Each variant is a full SGD step of deepres's net on a CIFAR-shaped batch. The variants take
+turns in rounds (A B C, A B C, ...) so that a load that comes and goes on the machine falls on
+all of them alike; the median over rounds is reported, after a warm-up that includes compiling.
+- eager: the default training step (channels_last, as `deepres train` runs it)
+- eager_nchw: the same in the contiguous layout
+- compile_model: torch.compile of the net alone, as `deepres train --compile` does
+- compile_loss: torch.compile of the net and the loss together, the form a synthetic
+  benchmark usually takes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from deepres import create_model
+from deepres.provenance import machine
+
+VARIANTS = ("eager", "eager_nchw", "compile_model", "compile_loss")
+
+
+def make_step(variant: str, model_name: str, batch_size: int):
+    """A closure running one training step of the variant, and its input batch."""
+    torch.manual_seed(0)
+    channels_last = variant != "eager_nchw"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(model_name).to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=layout)
+    y = torch.randint(0, 10, (batch_size,))
+    net = torch.compile(model) if variant == "compile_model" else model
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net(x), y)
+
+    forward = torch.compile(loss_of) if variant == "compile_loss" else loss_of
+
+    def step() -> None:
+        loss = forward(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    """Time every variant in alternating rounds and print the medians as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    steps, warmup = {}, {}
+    for v in variants:
+        steps[v] = make_step(v, args.model, args.batch_size)
+        start = time.perf_counter()
+        for _ in range(3):
+            steps[v]()
+        warmup[v] = time.perf_counter() - start
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[v]()
+            rates[v].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    medians = {v: statistics.median(r) for v, r in rates.items()}
+    print(
+        json.dumps(
+            {
+                "benchmark": "step_variants",
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "steps_per_round": args.steps,
+                "rounds": args.rounds,
+                "images_per_sec": {v: round(m, 1) for v, m in medians.items()},
+                "relative_to_eager": {
+                    v: round(m / medians["eager"], 3)
+                    for v, m in medians.items()
+                    if "eager" in rates
+                },
+                "rounds_images_per_sec": {v: [round(x) for x in r] for v, r in rates.items()},
+                "warmup_seconds": {v: round(s, 1) for v, s in warmup.items()},
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
