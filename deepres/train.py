@@ -3,16 +3,21 @@
 A run directory holds config.json (everything needed to rebuild the net and its input),
 preprocess.safetensors (the mean image), model.safetensors (weights), checkpoint.safetensors
 (what a resume needs), metrics.jsonl, curves.png and, at the end, summary.json. Under
-torchrun (see deepres.distributed) rank 0 alone writes them.
+torchrun (see deepres.distributed) rank 0 alone writes them. The directory is the run:
+config.json does not record where it lives, so a run copied or moved resumes where it is.
+A run stops with one line when its loss or weights stop being finite, or when a file cannot be
+written; what it had saved before stays as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -28,12 +33,14 @@ from deepres.checkpoint import (
     CONFIG,
     PREPROCESS,
     WEIGHTS,
+    append_text,
     load_checkpoint,
     load_preprocess,
     read_json,
     save_checkpoint,
     save_tensors,
     write_json,
+    write_text,
 )
 from deepres.data import ImageDataset, available_splits, open_dataset
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
@@ -48,7 +55,10 @@ SUMMARY = "summary.json"
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as config.json and reused by --resume."""
+    """Everything that defines a run; saved as config.json (less out) and reused by --resume.
+
+    out is where a new run is written; a saved run is wherever its directory is.
+    """
 
     model: str
     data: str
@@ -65,7 +75,9 @@ class TrainConfig:
     log_every: int = 50
     deterministic: bool = False
     device: str = "auto"
-    precision: str = "fp32"
+    # auto: bf16 autocast where the device computes bf16 natively, else fp32; resolved once,
+    # when the run starts, and saved resolved.
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     shortcut: str | None = None
@@ -80,6 +92,54 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     return torch.device(name)
+
+
+# /proc/cpuinfo flags of CPUs with bf16 arithmetic units; elsewhere autocast emulates bf16.
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+_CPUINFO = Path("/proc/cpuinfo")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU with bf16, a CPU with bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        text = _CPUINFO.read_text()
+    except OSError:
+        return False
+    flags = {
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags")
+        for flag in line.partition(":")[2].split()
+    }
+    return bool(flags & _NATIVE_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 or bf16: auto resolved for the device; a warning where bf16 would be emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native = native_bf16(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        # Measured (issue 8): ResNet-20 on a 2-core AMD EPYC without AVX-512, 25 images/s in
+        # bf16 against 310 in fp32.
+        warnings.warn(
+            f"--precision bf16: this {device.type} has no native bf16 units, so bf16 is emulated "
+            "and training runs far slower than fp32 (ResNet-20 on a CPU without avx512_bf16: "
+            "25 vs 310 images/s); --precision auto picks fp32 here",
+            stacklevel=2,
+        )
+    return precision
+
+
+class Diverged(FloatingPointError):
+    """Training reached a non-finite loss or weights; the run keeps its last finite checkpoint."""
 
 
 def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> dict:
@@ -142,6 +202,10 @@ def _train(
                     # any rank caught stops them all at this same step.
                     loss_sum, err_sum, images, stops = window.sums(stop.raised)
                     agreed_stop = stops > 0
+                    # Checked here, where the loss reaches the host anyway: no sync per step.
+                    s.last_loss = loss_sum / images
+                    if not math.isfinite(s.last_loss):
+                        raise _diverged(s, iteration, "the training loss")
                     _log(s, iteration, lr, loss_sum, err_sum, images, t_window, bar)
                     window.reset()
                     t_window = time.perf_counter()
@@ -189,6 +253,9 @@ class _Session:
     eval_labels: torch.Tensor | None
     state: dict
     seconds_before: float
+    # The iteration of the checkpoint on disk, None before a new run's first.
+    saved_at: int | None
+    last_loss: float = math.nan
     t_session: float = field(default_factory=time.perf_counter)
 
     def seconds(self) -> float:
@@ -205,8 +272,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     distributed.barrier()
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = not config.deterministic
-    if config.precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be fp32 or bf16, got {config.precision!r}")
+    # Resolved once per session; a new run saves it resolved, so a resume elsewhere keeps it.
+    precision = resolve_precision(config.precision, device)
+    config = replace(config, precision=precision)
 
     dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
     train_images = dataset.images[train_idx]
@@ -247,6 +315,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         state = load_checkpoint(run, model, optimizer)
         if main:
             _truncate_metrics(run / METRICS, state["iteration"])
+            _record_lr(run, config, state["iteration"])
     else:
         state = {
             "iteration": 0,
@@ -256,7 +325,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         }
         if main:
             saved = {
-                "config": asdict(config),
+                "config": {k: v for k, v in asdict(config).items() if k != "out"},
                 "model": config.model,
                 "model_options": model_options,
                 "family": model_family(config.model),
@@ -274,7 +343,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
             }
             write_json(run / CONFIG, saved)
             save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
-            (run / METRICS).write_text("")
+            write_text(run / METRICS, "")
     # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
     replica = distributed.wrap(model, device)
@@ -302,12 +371,13 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         optimizer=optimizer,
         preprocess=preprocess,
         stream=stream,
-        amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"),
+        amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
         eval_split=eval_split,
         eval_images=eval_images,
         eval_labels=eval_labels,
         state=state,
         seconds_before=state["seconds"],
+        saved_at=state["iteration"] if resume else None,
     )
 
 
@@ -407,6 +477,7 @@ def _log(
         "train_error": 100.0 * err_sum / images,
         "images": int(images),
         "lr": lr,
+        "precision": s.config.precision,
         "images_per_sec": images / max(now - t_window, 1e-9),
     }
     recipe = s.recipe
@@ -420,8 +491,7 @@ def _log(
     s.state["seconds"] = s.seconds()
     record["seconds"] = round(s.state["seconds"], 3)
     if s.main:
-        with open(s.run / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(s.run / METRICS, json.dumps(record) + "\n")
     bar.set_postfix(
         loss=f"{record['train_loss']:.3f}",
         err=f"{record['train_error']:.1f}%",
@@ -431,14 +501,43 @@ def _log(
 
 
 def _save(s: _Session, iteration: int, window: _Window) -> None:
+    # Summed over the ranks, so that all of them refuse together.
+    loss_sum, err_sum, images, broken = window.sums(~_finite(s.model, s.optimizer))
+    if images:
+        s.last_loss = loss_sum / images
+    if broken or not math.isfinite(loss_sum):
+        raise _diverged(s, iteration, "the weights" if broken else "the training loss")
     s.state["iteration"] = iteration
     s.state["seconds"] = s.seconds()
-    loss_sum, err_sum, images = window.sums()
     s.state["window"] = [loss_sum, err_sum, int(images)]
     if s.main:
         # The unwrapped net's names, so that runs resume with or without torchrun.
         save_checkpoint(s.run, s.model, s.optimizer, s.state)
         save_tensors(s.run / WEIGHTS, s.model.state_dict())
+    s.saved_at = iteration
+
+
+def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Whether every weight, BN statistic and momentum buffer is finite (one device tensor)."""
+    tensors = [*model.state_dict().values()]
+    tensors += [v for slots in optimizer.state.values() for v in slots.values()]
+    checks = [t.isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return torch.stack(checks).all()
+
+
+def _diverged(s: _Session, iteration: int, what: str) -> Diverged:
+    run = s.run
+    if s.saved_at is None:
+        kept = f"no checkpoint was saved: remove {run} and start again with a lower --lr"
+    else:
+        kept = (
+            f"{run / CHECKPOINT} keeps iteration {s.saved_at}, the last finite state: "
+            f"deepres train --resume {run} --lr LOWER (it was {s.recipe.lr:g})"
+        )
+    return Diverged(
+        f"{run}: training diverged at iteration {iteration}: {what} is not finite "
+        f"(train loss {s.last_loss:g}); {kept}"
+    )
 
 
 # ---- stopping and finishing
@@ -508,11 +607,24 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
             for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["iteration"] <= iteration
         ]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
+    # A resume with a new --lr (after a divergence, say) applies it from the checkpoint's
+    # iteration on; config.json keeps it for later resumes, and when it changed.
+    saved = read_json(run / CONFIG)
+    if config.lr is None or saved["config"].get("lr") == config.lr:
+        return
+    saved["config"]["lr"] = config.lr
+    saved["recipe"]["lr"] = config.lr
+    saved.setdefault("lr_changes", []).append({"iteration": iteration, "lr": config.lr})
+    write_json(run / CONFIG, saved)
 
 
 def load_config(run: Path) -> TrainConfig:
-    """The TrainConfig a run was started with."""
+    """The TrainConfig of a run, out set to where the run directory is now."""
     saved = read_json(Path(run) / CONFIG)
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    # Older config.json files record out too: the directory given wins.
+    known = {f.name for f in fields(TrainConfig)} - {"out"}
+    return TrainConfig(**{k: v for k, v in saved["config"].items() if k in known}, out=str(run))
