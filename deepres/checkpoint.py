@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -24,34 +24,77 @@ CONFIG = "config.json"
 FORMAT = "deepres-checkpoint-1"
 
 
+def _cannot_write(path: Path, err: OSError) -> OSError:
+    # One line that names the run file, whatever low-level call failed (a full disk shows up
+    # in write, fsync or rename alike).
+    return OSError(f"{path}: cannot write ({err.strerror or err})")
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(temp_path), fsync the result, then rename it over path."""
+    """Call write(temp_path), fsync the result, then rename it over path.
+
+    Any OSError becomes one naming path; the temp file is removed and path is left as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); the result should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    try:
+        os.close(fd)
+        # mkstemp makes the file private (0600); the result should get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _cannot_write(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a text file; if the write fails, the file is cut back to what it was."""
+    path = Path(path)
+    data = text.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                # os.write may write part of the data before the disk fills: no half line stays.
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
 
 
 def write_json(path: Path, data: dict) -> None:
     """Write a JSON file atomically."""
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict:
@@ -70,7 +113,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
     """Write tensors to a safetensors file atomically; metadata is stored as JSON."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata)} if metadata is not None else None
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # Serialised here and written by Python, so that a full disk raises an OSError with its
+    # errno, not a SafetensorError wrapping it.
+    blob = save(tensors, metadata=meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -6,20 +6,23 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
-from deepres.data import DataError
+from deepres.data import DataError, image_files
 from deepres.distributed import world
 from deepres.evaluate import evaluate_run
 from deepres.experiments import EXPERIMENTS, reproduce
 from deepres.experiments.common import BUDGETS
+from deepres.export import export_onnx
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.pretrained import describe, publish
-from deepres.train import TrainConfig, load_config, train
+from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
 
 def _model_options(args: argparse.Namespace, name: str) -> dict:
@@ -46,6 +49,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         config = load_config(args.resume)
+        if args.lr is not None:
+            config = replace(config, lr=args.lr)
         summary = train(config, resume=True, progress=not args.quiet)
     else:
         if not (args.model and args.data and args.out):
@@ -92,13 +97,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     classifier = load(args.run)
-    for path in args.images:
+    paths = [p for arg in args.images for p in (image_files(arg) if arg.is_dir() else [arg])]
+    for path in paths:
         try:
             with Image.open(path) as image:
                 top = classifier.topk(image, args.top)
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: not an image deepres can read ({err})") from None
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    print(f"{args.run}: exported to {export_onnx(args.run, args.onnx)}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -206,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--iters", type=int, help="iterations (milestones scale with it)")
     budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="with --resume: the new lr, from the checkpoint on")
     p.add_argument(
         "--val-split",
         type=int,
@@ -219,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, metavar="K")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 autocast where the device has native bf16, else fp32",
+    )
     p.add_argument("--shortcut", choices=["A", "B", "C"])
     p.add_argument("--width", type=int, help="filters of the first stage")
     p.add_argument("--normalize", choices=["pixel", "channel"])
@@ -230,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a trained run")
     p.add_argument("run", type=Path)
-    p.add_argument("--data", help="default: the data the run was trained on")
+    p.add_argument(
+        "--data", help="default: the data the run was trained on; a bare <class>/ folder is tested"
+    )
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
@@ -250,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-5 classes of images")
     p.add_argument("run", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=Path, help="images, or folders of them")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_predict)
 
@@ -265,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bf16", action="store_true", help="store the weights in bf16")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("export", help="a trained run as ONNX, preprocessing and softmax included")
+    p.add_argument("run", type=Path)
+    p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="e.g. model.onnx")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="time deepres against the plain-PyTorch reference")
     bench = p.add_subparsers(dest="bench_command", required=True)
@@ -314,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["deepres", *argv])
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"deepres {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        args.func(args)
-    except (ValueError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            args.func(args)
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"deepres {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

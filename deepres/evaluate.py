@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepres.checkpoint import CONFIG, read_json
-from deepres.data import open_dataset
+from deepres.data import ImageDataset, available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.inference import load
 from deepres.pretrained import resolve_run
@@ -62,12 +62,16 @@ def error_rates(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 def evaluate_run(
     run: str | Path, data: str | None = None, split: str = "test", device: str = "cpu"
 ) -> dict:
-    """Top-1/top-5 error of a trained run on a data set's test split or the run's held-out split."""
+    """Top-1/top-5 error of a trained run on a data set's test split or the run's held-out split.
+
+    Data given that has one split only (a bare <class>/ image folder, as held-out test sets
+    often come) is evaluated whole, its classes matched to the run's by name.
+    """
     run = resolve_run(run)
     classifier = load(run)
     saved = read_json(run / CONFIG)
     config = saved["config"]
-    data = data or config["data"]
+    given, data = data is not None, data or config["data"]
     if split == "val":
         if not config["val_split"]:
             raise ValueError(f"{run}: was trained without --val-split, so it has no val split")
@@ -75,19 +79,47 @@ def evaluate_run(
         _, index = split_train_val(len(dataset.labels), config["val_split"])
         images, labels = dataset.images[index], dataset.labels[index]
     elif split == "test":
-        dataset = open_dataset(data, "test", image_size=config["image_size"])
+        split, dataset = _test_set(run, saved, data, given)
         images, labels = dataset.images, dataset.labels
     else:
         raise ValueError(f"--split must be test or val, got {split!r}")
-    if list(images.shape[1:]) != classifier.input_size or len(dataset.classes) != len(
-        classifier.classes
-    ):
+    if list(images.shape[1:]) != classifier.input_size:
         raise ValueError(
-            f"{data}: images {list(images.shape[1:])} in {len(dataset.classes)} "
-            f"classes do not fit {run} ({classifier.input_size}, "
-            f"{len(classifier.classes)} classes)"
+            f"{data}: images {list(images.shape[1:])} do not fit {run} ({classifier.input_size})"
         )
+    labels = _to_run_classes(labels, dataset.classes, classifier.classes, data, run)
     model = classifier.model.to(device)
     logits = predict_logits(model, images, classifier.preprocess)
     result = error_rates(logits, labels)
     return {"run": str(run), "data": data, "split": split, **result, "classes": classifier.classes}
+
+
+def _test_set(run: str | Path, saved: dict, data: str, given: bool) -> tuple[str, ImageDataset]:
+    """The test split of data, or all of data given with one split only ("all")."""
+    image_size = saved["config"]["image_size"]
+    if not given or available_splits(data) != ["train"]:
+        return "test", open_dataset(data, "test", image_size=image_size)
+    dataset = open_dataset(data, "train", image_size=image_size)
+    # The run's own training images are no test set.
+    if dataset.source == saved.get("data_source"):
+        raise ValueError(
+            f"{data}: the data {run} was trained on, with no test split; give held-out "
+            "images, or --split val for a run trained with --val-split"
+        )
+    return "all", dataset
+
+
+def _to_run_classes(
+    labels: torch.Tensor, classes: list[str], run_classes: list[str], data: str, run: str | Path
+) -> torch.Tensor:
+    """Labels of a data set's classes as indices of the run's classes, matched by name."""
+    if set(classes) != set(run_classes):
+        missing = sorted(set(run_classes) - set(classes))
+        extra = sorted(set(classes) - set(run_classes))
+        raise ValueError(
+            f"{data}: its classes differ from {run}'s: "
+            f"not in the run: {', '.join(extra) or 'none'}; "
+            f"not in the data: {', '.join(missing) or 'none'}"
+        )
+    index = torch.tensor([run_classes.index(name) for name in classes])
+    return index[labels]

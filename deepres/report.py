@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deepres.checkpoint import write_json  # noqa: E402
+from deepres.checkpoint import atomic_write, write_json  # noqa: E402
 from deepres.paper import TABLE6_ERROR  # noqa: E402
 
 METRICS = "metrics.jsonl"
@@ -72,7 +72,8 @@ def plot_run(run: Path) -> Path:
     style_axes(ax, f"{name}: training (dashed) and evaluation (solid) error")
     path = run / "curves.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Atomic, like every run file: a full disk leaves the old plot, not half a new one.
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 

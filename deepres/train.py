@@ -3,17 +3,24 @@
 A run directory holds config.json (everything needed to rebuild the net and its input),
 preprocess.safetensors (the mean image), model.safetensors (weights), checkpoint.safetensors
 (what a resume needs), metrics.jsonl, curves.png and, at the end, summary.json. Under
-torchrun (see deepres.distributed) rank 0 alone writes them.
+torchrun (see deepres.distributed) rank 0 alone writes them. The directory is the run:
+config.json does not record where it lives, so a run copied or moved resumes where it is.
+A run stops with one line when its loss or weights stop being finite, or when a file cannot be
+written; what it had saved before stays as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,19 +33,21 @@ from deepres.checkpoint import (
     CONFIG,
     PREPROCESS,
     WEIGHTS,
+    append_text,
     load_checkpoint,
     load_preprocess,
     read_json,
     save_checkpoint,
     save_tensors,
     write_json,
+    write_text,
 )
-from deepres.data import available_splits, open_dataset
+from deepres.data import ImageDataset, available_splits, open_dataset
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
 from deepres.evaluate import error_rates, predict_logits
 from deepres.models import create_model, model_family
 from deepres.provenance import git_commit
-from deepres.recipes import default_recipe, get_recipe
+from deepres.recipes import Recipe, default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
 
 SUMMARY = "summary.json"
@@ -46,7 +55,10 @@ SUMMARY = "summary.json"
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as config.json and reused by --resume."""
+    """Everything that defines a run; saved as config.json (less out) and reused by --resume.
+
+    out is where a new run is written; a saved run is wherever its directory is.
+    """
 
     model: str
     data: str
@@ -63,7 +75,9 @@ class TrainConfig:
     log_every: int = 50
     deterministic: bool = False
     device: str = "auto"
-    precision: str = "fp32"
+    # auto: bf16 autocast where the device computes bf16 natively, else fp32; resolved once,
+    # when the run starts, and saved resolved.
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     shortcut: str | None = None
@@ -80,6 +94,54 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# /proc/cpuinfo flags of CPUs with bf16 arithmetic units; elsewhere autocast emulates bf16.
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+_CPUINFO = Path("/proc/cpuinfo")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA GPU with bf16, a CPU with bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        text = _CPUINFO.read_text()
+    except OSError:
+        return False
+    flags = {
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags")
+        for flag in line.partition(":")[2].split()
+    }
+    return bool(flags & _NATIVE_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 or bf16: auto resolved for the device; a warning where bf16 would be emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native = native_bf16(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        # Measured (issue 8): ResNet-20 on a 2-core AMD EPYC without AVX-512, 25 images/s in
+        # bf16 against 310 in fp32.
+        warnings.warn(
+            f"--precision bf16: this {device.type} has no native bf16 units, so bf16 is emulated "
+            "and training runs far slower than fp32 (ResNet-20 on a CPU without avx512_bf16: "
+            "25 vs 310 images/s); --precision auto picks fp32 here",
+            stacklevel=2,
+        )
+    return precision
+
+
+class Diverged(FloatingPointError):
+    """Training reached a non-finite loss or weights; the run keeps its last finite checkpoint."""
+
+
 def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> dict:
     options = {"num_classes": num_classes, "in_channels": in_channels}
     if config.shortcut:
@@ -92,16 +154,6 @@ def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> d
 def build_model(saved: dict) -> torch.nn.Module:
     """The net described by a run's config.json (weights not loaded)."""
     return create_model(saved["model"], **saved["model_options"])
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM so the loop can stop between steps and checkpoint first."""
-
-    def __init__(self) -> None:
-        self.raised = False
-
-    def __call__(self, signum, frame) -> None:
-        self.raised = True
 
 
 def train(
@@ -122,47 +174,111 @@ def train(
 def _train(
     config: TrainConfig, resume: bool, stop_at: int | None, progress: bool, device: torch.device
 ) -> dict:
+    s = _setup(config, resume, device)
+    recipe = s.recipe
+    # A saved window holds the sums over all ranks: rank 0 carries them on.
+    window = _Window(s.state["window"] if s.main else [0.0, 0.0, 0], s.device)
+    start_iter = iteration = s.state["iteration"]
+    bar = tqdm(
+        total=recipe.iters,
+        initial=start_iter,
+        disable=not (progress and s.main),
+        unit="it",
+        dynamic_ncols=True,
+        desc=config.model,
+    )
+    t_window = time.perf_counter()
+    agreed_stop = False
+    with _stop_signals() as stop:
+        try:
+            while iteration < recipe.iters:
+                lr = recipe.lr_at(iteration, s.state["warming_up"])
+                _step(s, iteration, lr, window)
+                iteration += 1
+                bar.update(1)
+
+                if iteration % s.log_every == 0 or iteration == recipe.iters:
+                    # Sums over the ranks: the record covers the global batch, and a signal that
+                    # any rank caught stops them all at this same step.
+                    loss_sum, err_sum, images, stops = window.sums(stop.raised)
+                    agreed_stop = stops > 0
+                    # Checked here, where the loss reaches the host anyway: no sync per step.
+                    s.last_loss = loss_sum / images
+                    if not math.isfinite(s.last_loss):
+                        raise _diverged(s, iteration, "the training loss")
+                    _log(s, iteration, lr, loss_sum, err_sum, images, t_window, bar)
+                    window.reset()
+                    t_window = time.perf_counter()
+
+                due = iteration % config.checkpoint_every == 0 or iteration == recipe.iters
+                # Under torchrun the ranks must stop at the same step: a signal counts once agreed.
+                signalled = agreed_stop if s.world_size > 1 else stop.raised
+                halt = signalled or (stop_at is not None and iteration >= stop_at)
+                if due or halt:
+                    _save(s, iteration, window)
+                if halt:
+                    break
+        finally:
+            bar.close()
+
+    # The others read the metrics.jsonl that rank 0 has just finished.
+    distributed.barrier()
+    return _finish(s, iteration, start_iter)
+
+
+# ---- set-up: the run directory, the data, the recipe, the net, and a fresh or resumed state
+
+
+@dataclass
+class _Session:
+    """What one training session works with, from set-up to its last step."""
+
+    config: TrainConfig
+    run: Path
+    device: torch.device
+    main: bool
+    world_size: int
+    recipe: Recipe
+    steps_per_epoch: int
+    log_every: int
+    eval_every: int
+    model: torch.nn.Module
+    replica: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    preprocess: Preprocess
+    stream: BatchStream
+    amp: torch.autocast
+    eval_split: str | None
+    eval_images: torch.Tensor | None
+    eval_labels: torch.Tensor | None
+    state: dict
+    seconds_before: float
+    # The iteration of the checkpoint on disk, None before a new run's first.
+    saved_at: int | None
+    last_loss: float = math.nan
+    t_session: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run so far, earlier sessions included."""
+        return self.seconds_before + time.perf_counter() - self.t_session
+
+
+def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     rank, world_size = distributed.world()
     main = rank == 0
     run = Path(config.out)
-    if resume and not (run / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{run / CHECKPOINT}: no checkpoint to resume from; start again")
-    if not resume and (run / CONFIG).exists():
-        raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
+    _check_run_dir(run, resume)
     # Every rank has looked before rank 0 writes config.json.
     distributed.barrier()
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = not config.deterministic
-    if config.precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be fp32 or bf16, got {config.precision!r}")
+    # Resolved once per session; a new run saves it resolved, so a resume elsewhere keeps it.
+    precision = resolve_precision(config.precision, device)
+    config = replace(config, precision=precision)
 
-    # Data: decoded once, held out with a fixed seed, then moved whole to the device.
-    dataset = open_dataset(config.data, "train", image_size=config.image_size)
-    train_idx, val_idx = split_train_val(len(dataset.labels), config.val_split)
+    dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
     train_images = dataset.images[train_idx]
-    if config.val_split:
-        eval_split, eval_images, eval_labels = (
-            "val",
-            dataset.images[val_idx],
-            dataset.labels[val_idx],
-        )
-    elif "test" in available_splits(config.data):
-        test = open_dataset(config.data, "test", image_size=config.image_size)
-        eval_split, eval_images, eval_labels = "test", test.images, test.labels
-    else:
-        eval_split, eval_images, eval_labels = None, None, None
-
-    # Recipe: the paper's, scaled to the budget asked for.
-    recipe = get_recipe(config.recipe or default_recipe(config.model))
-    if config.batch_size:
-        recipe = replace(recipe, batch_size=config.batch_size)
-    if config.lr:
-        recipe = replace(recipe, lr=config.lr)
-    steps_per_epoch = len(train_idx) // recipe.batch_size
-    if config.epochs is not None:
-        recipe = recipe.scaled(max(1, round(config.epochs * steps_per_epoch)))
-    elif config.iters is not None:
-        recipe = recipe.scaled(config.iters)
+    recipe, steps_per_epoch = _recipe(config, len(train_idx))
     normalize = config.normalize or recipe.normalize
     log_every = max(1, min(config.log_every, recipe.iters))
     # Evaluation happens at log records: about 40 points per curve unless asked otherwise.
@@ -195,37 +311,39 @@ def _train(
     )
 
     run.mkdir(parents=True, exist_ok=True)
-    state = {
-        "iteration": 0,
-        "warming_up": recipe.warmup_lr is not None,
-        "seconds": 0.0,
-        "window": [0.0, 0.0, 0],
-    }
     if resume:
         state = load_checkpoint(run, model, optimizer)
         if main:
             _truncate_metrics(run / METRICS, state["iteration"])
-    elif main:
-        saved = {
-            "config": asdict(config),
-            "model": config.model,
-            "model_options": model_options,
-            "family": model_family(config.model),
-            "classes": dataset.classes,
-            "input_size": list(dataset.images.shape[1:]),
-            "normalize": normalize,
-            "recipe": recipe.to_dict(),
-            "steps_per_epoch": steps_per_epoch,
-            "n_train": len(train_idx),
-            "eval_split": eval_split,
-            "data_source": dataset.source,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "git_commit": git_commit(),
+            _record_lr(run, config, state["iteration"])
+    else:
+        state = {
+            "iteration": 0,
+            "warming_up": recipe.warmup_lr is not None,
+            "seconds": 0.0,
+            "window": [0.0, 0.0, 0],
         }
-        write_json(run / CONFIG, saved)
-        save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
-        (run / METRICS).write_text("")
+        if main:
+            saved = {
+                "config": {k: v for k, v in asdict(config).items() if k != "out"},
+                "model": config.model,
+                "model_options": model_options,
+                "family": model_family(config.model),
+                "classes": dataset.classes,
+                "input_size": list(dataset.images.shape[1:]),
+                "normalize": normalize,
+                "recipe": recipe.to_dict(),
+                "steps_per_epoch": steps_per_epoch,
+                "n_train": len(train_idx),
+                "eval_split": eval_split,
+                "data_source": dataset.source,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "git_commit": git_commit(),
+            }
+            write_json(run / CONFIG, saved)
+            save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
+            write_text(run / METRICS, "")
     # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
     replica = distributed.wrap(model, device)
@@ -238,127 +356,229 @@ def _train(
         eval_images = None
     if eval_images is not None:
         eval_images = eval_images.to(device)
+    return _Session(
+        config=config,
+        run=run,
+        device=device,
+        main=main,
+        world_size=world_size,
+        recipe=recipe,
+        steps_per_epoch=steps_per_epoch,
+        log_every=log_every,
+        eval_every=eval_every,
+        model=model,
+        replica=replica,
+        optimizer=optimizer,
+        preprocess=preprocess,
+        stream=stream,
+        amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        eval_split=eval_split,
+        eval_images=eval_images,
+        eval_labels=eval_labels,
+        state=state,
+        seconds_before=state["seconds"],
+        saved_at=state["iteration"] if resume else None,
+    )
 
+
+def _check_run_dir(run: Path, resume: bool) -> None:
+    if resume and not (run / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{run / CHECKPOINT}: no checkpoint to resume from; start again")
+    if not resume and (run / CONFIG).exists():
+        raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
+
+
+def _open_data(config: TrainConfig) -> tuple[ImageDataset, torch.Tensor, tuple]:
+    """The training set, the indices trained on, and the split evaluated (name, images, labels)."""
+    # Decoded once, held out with a fixed seed; the loader moves it whole to the device.
+    dataset = open_dataset(config.data, "train", image_size=config.image_size)
+    train_idx, val_idx = split_train_val(len(dataset.labels), config.val_split)
+    if config.val_split:
+        return dataset, train_idx, ("val", dataset.images[val_idx], dataset.labels[val_idx])
+    if "test" in available_splits(config.data):
+        test = open_dataset(config.data, "test", image_size=config.image_size)
+        return dataset, train_idx, ("test", test.images, test.labels)
+    return dataset, train_idx, (None, None, None)
+
+
+def _recipe(config: TrainConfig, n_train: int) -> tuple[Recipe, int]:
+    """The paper's recipe, scaled to the budget asked for, and the steps of one epoch."""
+    recipe = get_recipe(config.recipe or default_recipe(config.model))
+    if config.batch_size:
+        recipe = replace(recipe, batch_size=config.batch_size)
+    if config.lr:
+        recipe = replace(recipe, lr=config.lr)
+    steps_per_epoch = n_train // recipe.batch_size
+    if config.epochs is not None:
+        recipe = recipe.scaled(max(1, round(config.epochs * steps_per_epoch)))
+    elif config.iters is not None:
+        recipe = recipe.scaled(config.iters)
+    return recipe, steps_per_epoch
+
+
+# ---- the loop's parts: one step, the window of sums it feeds, a log record, a checkpoint
+
+
+class _Window:
+    """Loss and error sums since the last log record, accumulated on the device."""
+
+    def __init__(self, saved: list, device: torch.device) -> None:
+        loss, err, self.n = saved
+        self.device = device
+        self.loss = torch.tensor(loss, device=device)
+        self.err = torch.tensor(err, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one step's batch in; no host sync."""
+        self.loss += loss.detach().float() * len(y)
+        self.err += (logits.detach().argmax(1) != y).sum()
+        self.n += len(y)
+
+    def sums(self, *extra: float) -> list[float]:
+        """Loss sum, error count and images over all ranks, then each extra value summed."""
+        return distributed.sum_over_ranks([self.loss, self.err, self.n, *extra], self.device)
+
+    def reset(self) -> None:
+        """Start the next window."""
+        self.loss.zero_()
+        self.err.zero_()
+        self.n = 0
+
+
+def _step(s: _Session, iteration: int, lr: float, window: _Window) -> None:
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = s.stream.batch(iteration)
+    with s.amp:
+        logits = s.replica(x)
+        loss = F.cross_entropy(logits, y)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    # Accumulated on the device: no host sync inside a step.
+    window.add(loss, logits, y)
+
+
+def _log(
+    s: _Session,
+    iteration: int,
+    lr: float,
+    loss_sum: float,
+    err_sum: float,
+    images: float,
+    t_window: float,
+    bar: tqdm,
+) -> None:
+    now = time.perf_counter()
+    record = {
+        "iteration": iteration,
+        "epoch": round(iteration / s.steps_per_epoch, 3),
+        "train_loss": loss_sum / images,
+        "train_error": 100.0 * err_sum / images,
+        "images": int(images),
+        "lr": lr,
+        "precision": s.config.precision,
+        "images_per_sec": images / max(now - t_window, 1e-9),
+    }
+    recipe = s.recipe
+    if s.state["warming_up"] and record["train_error"] < 100 * recipe.warmup_until_error:
+        s.state["warming_up"] = False
+    if s.eval_images is not None and (iteration % s.eval_every == 0 or iteration == recipe.iters):
+        logits = predict_logits(
+            s.model, s.eval_images, s.preprocess, channels_last=s.config.channels_last
+        )
+        record[f"{s.eval_split}_error"] = error_rates(logits, s.eval_labels)["top1_error"]
+    s.state["seconds"] = s.seconds()
+    record["seconds"] = round(s.state["seconds"], 3)
+    if s.main:
+        append_text(s.run / METRICS, json.dumps(record) + "\n")
+    bar.set_postfix(
+        loss=f"{record['train_loss']:.3f}",
+        err=f"{record['train_error']:.1f}%",
+        lr=f"{lr:g}",
+        ips=f"{record['images_per_sec']:.0f}",
+    )
+
+
+def _save(s: _Session, iteration: int, window: _Window) -> None:
+    # Summed over the ranks, so that all of them refuse together.
+    loss_sum, err_sum, images, broken = window.sums(~_finite(s.model, s.optimizer))
+    if images:
+        s.last_loss = loss_sum / images
+    if broken or not math.isfinite(loss_sum):
+        raise _diverged(s, iteration, "the weights" if broken else "the training loss")
+    s.state["iteration"] = iteration
+    s.state["seconds"] = s.seconds()
+    s.state["window"] = [loss_sum, err_sum, int(images)]
+    if s.main:
+        # The unwrapped net's names, so that runs resume with or without torchrun.
+        save_checkpoint(s.run, s.model, s.optimizer, s.state)
+        save_tensors(s.run / WEIGHTS, s.model.state_dict())
+    s.saved_at = iteration
+
+
+def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Whether every weight, BN statistic and momentum buffer is finite (one device tensor)."""
+    tensors = [*model.state_dict().values()]
+    tensors += [v for slots in optimizer.state.values() for v in slots.values()]
+    checks = [t.isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return torch.stack(checks).all()
+
+
+def _diverged(s: _Session, iteration: int, what: str) -> Diverged:
+    run = s.run
+    if s.saved_at is None:
+        kept = f"no checkpoint was saved: remove {run} and start again with a lower --lr"
+    else:
+        kept = (
+            f"{run / CHECKPOINT} keeps iteration {s.saved_at}, the last finite state: "
+            f"deepres train --resume {run} --lr LOWER (it was {s.recipe.lr:g})"
+        )
+    return Diverged(
+        f"{run}: training diverged at iteration {iteration}: {what} is not finite "
+        f"(train loss {s.last_loss:g}); {kept}"
+    )
+
+
+# ---- stopping and finishing
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM so the loop can stop between steps and checkpoint first."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum, frame) -> None:
+        self.raised = True
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_StopFlag]:
+    """A flag that SIGINT and SIGTERM raise while inside; the old handlers come back after."""
     stop = _StopFlag()
     previous = (
         {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         if threading.current_thread() is threading.main_thread()
         else {}
     )
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    # A saved window holds the sums over all ranks: rank 0 carries them on.
-    window_loss, window_err, window_n = state["window"] if main else [0.0, 0.0, 0]
-    window_loss = torch.tensor(window_loss, device=device)
-    window_err = torch.tensor(window_err, device=device)
-    start_iter = state["iteration"]
-    bar = tqdm(
-        total=recipe.iters,
-        initial=start_iter,
-        disable=not (progress and main),
-        unit="it",
-        dynamic_ncols=True,
-        desc=config.model,
-    )
-    t_window = time.perf_counter()
-    t_session = t_window
-    seconds_before = state["seconds"]
-    iteration = start_iter
-    agreed_stop = False
     try:
-        while iteration < recipe.iters:
-            lr = recipe.lr_at(iteration, state["warming_up"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = stream.batch(iteration)
-            with amp:
-                logits = replica(x)
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Accumulated on the device: no host sync inside a step.
-            window_loss += loss.detach().float() * len(y)
-            window_err += (logits.detach().argmax(1) != y).sum()
-            window_n += len(y)
-            iteration += 1
-            bar.update(1)
-
-            if iteration % log_every == 0 or iteration == recipe.iters:
-                # Sums over the ranks: the record covers the global batch, and a signal that
-                # any rank caught stops them all at this same step.
-                loss_sum, err_sum, images, stops = distributed.sum_over_ranks(
-                    [window_loss, window_err, window_n, stop.raised], device
-                )
-                agreed_stop = stops > 0
-                now = time.perf_counter()
-                record = {
-                    "iteration": iteration,
-                    "epoch": round(iteration / steps_per_epoch, 3),
-                    "train_loss": loss_sum / images,
-                    "train_error": 100.0 * err_sum / images,
-                    "images": int(images),
-                    "lr": lr,
-                    "images_per_sec": images / max(now - t_window, 1e-9),
-                }
-                if state["warming_up"] and record["train_error"] < 100 * recipe.warmup_until_error:
-                    state["warming_up"] = False
-                if eval_images is not None and (
-                    iteration % eval_every == 0 or iteration == recipe.iters
-                ):
-                    logits_eval = predict_logits(
-                        model, eval_images, preprocess, channels_last=config.channels_last
-                    )
-                    record[f"{eval_split}_error"] = error_rates(logits_eval, eval_labels)[
-                        "top1_error"
-                    ]
-                state["seconds"] = seconds_before + time.perf_counter() - t_session
-                record["seconds"] = round(state["seconds"], 3)
-                if main:
-                    with open(run / METRICS, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    loss=f"{record['train_loss']:.3f}",
-                    err=f"{record['train_error']:.1f}%",
-                    lr=f"{lr:g}",
-                    ips=f"{record['images_per_sec']:.0f}",
-                )
-                window_loss.zero_()
-                window_err.zero_()
-                window_n = 0
-                t_window = time.perf_counter()
-
-            due = iteration % config.checkpoint_every == 0 or iteration == recipe.iters
-            # Under torchrun the ranks must stop at the same step: a signal counts once agreed.
-            signalled = agreed_stop if world_size > 1 else stop.raised
-            halt = signalled or (stop_at is not None and iteration >= stop_at)
-            if due or halt:
-                state["iteration"] = iteration
-                state["seconds"] = seconds_before + time.perf_counter() - t_session
-                loss_sum, err_sum, images = distributed.sum_over_ranks(
-                    [window_loss, window_err, window_n], device
-                )
-                state["window"] = [loss_sum, err_sum, int(images)]
-                if main:
-                    # The unwrapped net's names, so that runs resume with or without torchrun.
-                    save_checkpoint(run, model, optimizer, state)
-                    save_tensors(run / WEIGHTS, model.state_dict())
-            if halt:
-                break
+        yield stop
     finally:
-        bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    # The others read the metrics.jsonl that rank 0 has just finished.
-    distributed.barrier()
+
+def _finish(s: _Session, iteration: int, start_iter: int) -> dict:
+    run, recipe, eval_split = s.run, s.recipe, s.eval_split
     finished = iteration >= recipe.iters
     summary = {
         "run": str(run),
-        "model": config.model,
+        "model": s.config.model,
         "iteration": iteration,
         "iters": recipe.iters,
         "finished": finished,
-        "seconds": state["seconds"],
+        "seconds": s.state["seconds"],
     }
     metrics = read_metrics(run)
     if metrics:
@@ -370,9 +590,9 @@ def _train(
         summary["images_per_sec"] = (
             (iteration - start_iter)
             * recipe.batch_size
-            / max(state["seconds"] - seconds_before, 1e-9)
+            / max(s.state["seconds"] - s.seconds_before, 1e-9)
         )
-    if main:
+    if s.main:
         plot_run(run)
         if finished:
             write_json(run / SUMMARY, summary)
@@ -387,11 +607,24 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
             for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["iteration"] <= iteration
         ]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
+    # A resume with a new --lr (after a divergence, say) applies it from the checkpoint's
+    # iteration on; config.json keeps it for later resumes, and when it changed.
+    saved = read_json(run / CONFIG)
+    if config.lr is None or saved["config"].get("lr") == config.lr:
+        return
+    saved["config"]["lr"] = config.lr
+    saved["recipe"]["lr"] = config.lr
+    saved.setdefault("lr_changes", []).append({"iteration": iteration, "lr": config.lr})
+    write_json(run / CONFIG, saved)
 
 
 def load_config(run: Path) -> TrainConfig:
-    """The TrainConfig a run was started with."""
+    """The TrainConfig of a run, out set to where the run directory is now."""
     saved = read_json(Path(run) / CONFIG)
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    # Older config.json files record out too: the directory given wins.
+    known = {f.name for f in fields(TrainConfig)} - {"out"}
+    return TrainConfig(**{k: v for k, v in saved["config"].items() if k in known}, out=str(run))

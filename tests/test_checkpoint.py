@@ -1,10 +1,19 @@
+import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from deepres.checkpoint import atomic_write, load_tensors, read_json, save_tensors, write_json
+from deepres.checkpoint import (
+    append_text,
+    atomic_write,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -48,3 +57,39 @@ def test_unreadable_files_are_named_in_one_line_errors(tmp_path):
         read_json(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         read_json(tmp_path / "missing.json")
+
+
+def test_write_errors_name_the_file_and_leave_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.safetensors"
+    save_tensors(path, {"w": torch.ones(3)})
+
+    def disk_fills(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", disk_fills)
+        with pytest.raises(OSError) as err:
+            save_tensors(path, {"w": torch.zeros(3)})
+    assert str(err.value) == f"{path}: cannot write (No space left on device)"
+    assert torch.equal(load_tensors(path)[0]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_append_text_cuts_a_failed_append_back(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    append_text(path, '{"iteration": 1}\n')
+    write = os.write
+
+    def disk_fills(fd, data):
+        if len(data) > 4:
+            return write(fd, data[:4])  # part of the line, as a filling disk does
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", disk_fills)
+        with pytest.raises(OSError) as err:
+            append_text(path, '{"iteration": 2}\n')
+    assert str(err.value) == f"{path}: cannot write (No space left on device)"
+    assert path.read_text() == '{"iteration": 1}\n'
+    append_text(path, '{"iteration": 2}\n')
+    assert path.read_text().splitlines() == ['{"iteration": 1}', '{"iteration": 2}']

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import struct
 import tarfile
 import zipfile
@@ -442,3 +443,33 @@ def test_inconsistent_cache_is_rebuilt(tmp_path, cache):
     save_file(tensors, entry, metadata={"deepres": info})
     with pytest.warns(UserWarning, match="ignoring unreadable dataset cache"):
         assert open_dataset(str(tmp_path / "digits")).classes == first.classes
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    root = tmp_path / "dir"
+    _write_classes(root)
+    (root / "birds").mkdir()
+    with pytest.raises(
+        DataError, match=f"^{re.escape(str(root / 'birds'))}: class folder with no images"
+    ):
+        open_dataset(str(root))
+    with pytest.raises(DataError, match="birds"):
+        available_splits(str(root))
+    (root / "birds" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="birds"):
+        open_dataset(str(root))
+    # In a split layout, and in a zip with the folder's own entry.
+    split = tmp_path / "split"
+    _write_classes(split / "train")
+    _write_classes(split / "test")
+    (split / "test" / "birds").mkdir()
+    archive = tmp_path / "split.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(split.rglob("*")):
+            zipped.write(path, path.relative_to(split).as_posix())
+    with pytest.raises(
+        DataError, match=f"^{re.escape(str(split / 'test' / 'birds'))}: class folder"
+    ):
+        open_dataset(str(split), "train")
+    with pytest.raises(DataError, match=f"^{re.escape(str(archive))}:test/birds: class folder"):
+        open_dataset(str(archive), "train")

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from deepres.experiments import reproduce
 from deepres.experiments.common import BUDGETS, Context, ensure_run, final_training
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
+from deepres.report import read_metrics
+from deepres.train import load_config, train
 
 
 def smoke(tiny_folder, tmp_path, experiment, models):
@@ -109,6 +112,32 @@ def test_a_run_with_other_settings_is_not_reused(tiny_folder, tmp_path):
     other = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=12, progress=False)
     with pytest.raises(ValueError, match="other settings"):
         ensure_run(other, other.config("resnet20", "resnet20"))
+
+
+def test_a_run_with_an_old_config_json_is_resumed_with_the_new_defaults(tiny_folder, tmp_path):
+    ctx = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=0, progress=False)
+    config = ctx.config("resnet20", "resnet20")
+    assert config.precision == "auto"
+    train(replace(config, precision="fp32"), stop_at=2, progress=False)
+    # config.json as the code before --precision auto wrote it: out recorded as the path it
+    # was started with, fp32, and other settings of how (not what) it trains.
+    path = tmp_path / "resnet20" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["config"].update(
+        out="runs/reproduce-cifar10-jpeg-train-zip-full/resnet20",
+        precision="fp32",
+        checkpoint_every=500,
+        channels_last=False,
+        compile=False,
+        device="auto",
+    )
+    path.write_text(json.dumps(saved))
+    run = ensure_run(ctx, config)
+    assert run == tmp_path / "resnet20"
+    assert json.loads((run / "summary.json").read_text())["iteration"] == 4
+    # Resumed as it was started: fp32, whatever auto would pick on this machine.
+    assert load_config(run).precision == "fp32"
+    assert [m.get("precision") for m in read_metrics(run)] == ["fp32", "fp32"]
 
 
 def test_cli_reproduce(tiny_folder, tmp_path, capsys):

@@ -1,17 +1,25 @@
+import errno
 import json
+import math
+import os
+import shutil
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import deepres
-from deepres.checkpoint import CHECKPOINT
-from deepres.cli import main
+from deepres import train as train_module
+from deepres.checkpoint import CHECKPOINT, load_checkpoint, load_tensors
+from deepres.cli import build_parser, main
 from deepres.evaluate import error_rates
+from deepres.models import create_model
 from deepres.recipes import RECIPES, default_recipe, get_recipe
 from deepres.report import read_metrics
-from deepres.train import TrainConfig, load_config, train
+from deepres.train import Diverged, TrainConfig, load_config, resolve_precision, train
 
 
 def tiny_config(folder, out, **kw) -> TrainConfig:
@@ -219,7 +227,7 @@ def test_compiled_training_resumes_exactly(tiny_folder, tmp_path):
 
 
 def test_bf16_autocast_trains_fp32_weights(tiny_folder, tmp_path):
-    train(tiny_config(tiny_folder, tmp_path / "fp32", iters=4), progress=False)
+    train(tiny_config(tiny_folder, tmp_path / "fp32", iters=4, precision="fp32"), progress=False)
     train(tiny_config(tiny_folder, tmp_path / "bf16", iters=4, precision="bf16"), progress=False)
     metrics = read_metrics(tmp_path / "bf16")
     assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # no NaN
@@ -230,3 +238,189 @@ def test_bf16_autocast_trains_fp32_weights(tiny_folder, tmp_path):
     ).read_bytes()
     with pytest.raises(ValueError, match="precision"):
         train(tiny_config(tiny_folder, tmp_path / "fp16", precision="fp16"), progress=False)
+
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory, hidden ones included, by name."""
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_copied_run_resumes_where_it_is_and_leaves_the_original(tiny_folder, tmp_path, capsys):
+    original = tmp_path / "original"
+    train(tiny_config(tiny_folder, original, iters=8), stop_at=4, progress=False)
+    saved = json.loads((original / "config.json").read_text())
+    assert "out" not in saved["config"]  # the directory is the run
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(original, copy)
+    # A config.json from before this change records out: the directory given still wins.
+    saved["config"]["out"] = str(original)
+    (copy / "config.json").write_text(json.dumps(saved))
+    before = files(original)
+    assert main(["train", "--resume", str(copy), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"] == str(copy)
+    assert json.loads((copy / "summary.json").read_text())["iteration"] == 8
+    assert [m["iteration"] for m in read_metrics(copy)] == [2, 4, 6, 8]
+    assert files(original) == before
+
+
+def test_divergence_stops_keeps_the_finite_checkpoint_and_resumes_with_a_new_lr(
+    tiny_folder, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run), stop_at=4, progress=False)
+    before = files(run)
+    assert main(["train", "--resume", str(run), "--lr", "1e9", "--quiet"]) == 2
+    line = one_line(capsys)
+    assert f"{run}: training diverged at iteration" in line
+    assert "train loss nan" in line or "train loss inf" in line
+    assert "keeps iteration 4" in line
+    # The checkpoint and weights of iteration 4 are kept as they were, and finite.
+    assert files(run)[CHECKPOINT] == before[CHECKPOINT]
+    assert files(run)["model.safetensors"] == before["model.safetensors"]
+    weights, _ = load_tensors(run / "model.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+    assert "summary.json" not in files(run)
+
+    assert main(["train", "--resume", str(run), "--lr", "0.05", "--quiet"]) == 0
+    metrics = read_metrics(run)
+    assert [m["iteration"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    # lr 0.1 up to the checkpoint, the new lr after it, with the milestones (6, 9) as before.
+    assert [m["lr"] for m in metrics] == pytest.approx([0.1, 0.1, 0.05, 0.005, 0.0005, 0.0005])
+    assert all(math.isfinite(m["train_loss"]) for m in metrics)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["lr"] == saved["recipe"]["lr"] == 0.05
+    assert saved["lr_changes"][-1] == {"iteration": 4, "lr": 0.05}
+    assert load_config(run).lr == 0.05
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_saves_nothing(tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"diverged at iteration \d+.*no checkpoint was saved"):
+        train(tiny_config(tiny_folder, run, lr=1e9, checkpoint_every=100), progress=False)
+    assert not (run / CHECKPOINT).exists() and not (run / "model.safetensors").exists()
+
+
+def test_a_failing_writer_ends_in_one_line_and_keeps_the_checkpoint(
+    tiny_folder, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=8), stop_at=4, progress=False)
+    before = files(run)
+    write_bytes = Path.write_bytes
+
+    def disk_fills(self, data):
+        write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", disk_fills)
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    line = one_line(capsys)
+    assert line.startswith("deepres train: error: ")
+    assert f"{run / CHECKPOINT}: cannot write (No space left on device)" in line
+    after = files(run)
+    assert after[CHECKPOINT] == before[CHECKPOINT]
+    assert set(after) == set(before)  # no temp file left behind
+    model = create_model("resnet20", num_classes=3, width=4)
+    state = load_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert state["iteration"] == 4
+    # With room again, the run resumes from that checkpoint and ends.
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert [m["iteration"] for m in read_metrics(run)] == [2, 4, 6, 8]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, where the machine lets this process mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command on this machine")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoint(tiny_folder, small_disk, capsys):
+    run = small_disk / "run"
+    train(tiny_config(tiny_folder, run, iters=8), stop_at=4, progress=False)
+    before = files(run)
+    stat = os.statvfs(small_disk)
+    # Room for a few metrics lines, not for another checkpoint.
+    (small_disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 8192))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"deepres train: error: {run}/") and line.endswith(
+        ": cannot write (No space left on device)"
+    )
+    after = files(run)
+    assert after[CHECKPOINT] == before[CHECKPOINT]
+    assert set(after) == set(before)  # no temp file left behind
+    assert all(m["iteration"] <= 8 for m in read_metrics(run))  # whole lines only
+    (small_disk / "filler").unlink()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert [m["iteration"] for m in read_metrics(run)] == [2, 4, 6, 8]
+
+
+def fake_cpu(tmp_path: Path, monkeypatch, flags: str) -> None:
+    cpuinfo = tmp_path / f"cpuinfo-{len(flags)}"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    monkeypatch.setattr(train_module, "_CPUINFO", cpuinfo)
+
+
+def test_precision_auto_is_bf16_only_on_cpus_with_bf16_units(tmp_path, monkeypatch, recwarn):
+    cpu = torch.device("cpu")
+    for flags in ("avx512f avx512_bf16", "amx_tile amx_bf16"):
+        fake_cpu(tmp_path, monkeypatch, flags)
+        assert resolve_precision("auto", cpu) == "bf16"
+        assert resolve_precision("bf16", cpu) == "bf16"
+    assert not recwarn.list  # native bf16: no warning
+    fake_cpu(tmp_path, monkeypatch, "avx512f")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="emulated.*far slower") as caught:
+        assert resolve_precision("bf16", cpu) == "bf16"
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert build_parser().parse_args(["train"]).precision == "auto"
+    assert TrainConfig(model="m", data="d", out="o").precision == "auto"
+
+
+def test_auto_precision_is_saved_resolved_and_kept_on_resume(tiny_folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fake_cpu(tmp_path, monkeypatch, "avx512_bf16")
+    train(tiny_config(tiny_folder, run, iters=4), stop_at=2, progress=False)
+    assert load_config(run).precision == "bf16"
+    # Resumed on a machine without bf16 units, the run keeps its precision, and says so.
+    fake_cpu(tmp_path, monkeypatch, "avx2")
+    with pytest.warns(UserWarning, match="emulated"):
+        train(load_config(run), resume=True, progress=False)
+    assert [m["precision"] for m in read_metrics(run)] == ["bf16", "bf16"]
+    assert load_config(run).precision == "bf16"
+    train(tiny_config(tiny_folder, tmp_path / "here", iters=2), progress=False)
+    assert load_config(tmp_path / "here").precision == "fp32"
+    assert read_metrics(tmp_path / "here")[0]["precision"] == "fp32"
+
+
+def test_emulated_bf16_is_one_warning_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    fake_cpu(tmp_path, monkeypatch, "avx2")
+    flags = ["--model", "resnet20", "--width", "4", "--iters", "2", "--batch-size", "16"]
+    out = str(tmp_path / "run")
+    args = ["train", *flags, "--data", str(tiny_folder), "--out", out, "--device", "cpu"]
+    assert main([*args, "--precision", "bf16", "--quiet"]) == 0
+    line = one_line(capsys)
+    assert line.startswith("deepres train: warning: --precision bf16: ")
+    assert "emulated" in line and "far slower" in line

@@ -151,6 +151,20 @@ def available_splits(spec: str) -> list[str]:
     return _splits(source, *_detect(source))
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files in a folder and its subfolders, sorted; hidden files left out."""
+    folder = Path(folder)
+    found = sorted(
+        path
+        for path in folder.rglob("*")
+        if _is_image(path.name) and _visible(path.relative_to(folder).as_posix()) and path.is_file()
+    )
+    if not found:
+        suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
+        raise DataError(f"{folder}: no images ({suffixes}) in this folder or below")
+    return found
+
+
 # ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
 
 
@@ -164,8 +178,9 @@ class _Directory:
         self.path, self.label = path, label
 
     @cached_property
-    def names(self) -> list[str]:
+    def _listing(self) -> tuple[list[str], list[str]]:
         found: list[str] = []
+        folders: list[str] = []
         pending = [(self.path, "", _MAX_DEPTH)]
         while pending:
             folder, prefix, depth = pending.pop()
@@ -174,21 +189,30 @@ class _Directory:
                     if not _visible(entry.name):
                         continue
                     if entry.is_dir() and depth > 1:
+                        folders.append(prefix + entry.name)
                         pending.append((Path(entry.path), f"{prefix}{entry.name}/", depth - 1))
                     elif entry.is_file():
                         found.append(prefix + entry.name)
-        return sorted(found)
+        return sorted(found), sorted(folders)
+
+    @property
+    def names(self) -> list[str]:
+        return self._listing[0]
+
+    @property
+    def folders(self) -> list[str]:
+        return self._listing[1]
 
     def where(self, name: str) -> str:
         return str(self.path / name)
 
     def fingerprint(self) -> list:
         # Renaming a file between class folders changes neither sizes nor mtimes: the names
-        # are part of the fingerprint too.
+        # are part of the fingerprint too, and the folders, which an empty one may be.
         stats = [os.stat(self.path / name) for name in self.names]
         sizes = sum(stat.st_size for stat in stats)
         newest = max((stat.st_mtime_ns for stat in stats), default=0)
-        return [self.names, sizes, newest]
+        return [self.names, self.folders, sizes, newest]
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         for name in names:
@@ -218,13 +242,22 @@ class _Zip(_Archive):
     _errors = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
     @cached_property
-    def names(self) -> list[str]:
+    def _listed(self) -> list[str]:
         try:
             with zipfile.ZipFile(self.path) as archive:
-                listed = archive.namelist()
+                return [name for name in archive.namelist() if _visible(name)]
         except self._errors as error:
             raise self._corrupt(error) from error
-        return sorted(name for name in listed if not name.endswith("/") and _visible(name))
+
+    @cached_property
+    def names(self) -> list[str]:
+        return sorted(name for name in self._listed if not name.endswith("/"))
+
+    @cached_property
+    def folders(self) -> list[str]:
+        # Folder entries are optional in a zip: the folders of its files count too.
+        named = {name.rstrip("/") for name in self._listed if name.endswith("/")}
+        return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         with zipfile.ZipFile(self.path) as archive:
@@ -244,8 +277,12 @@ class _Tar(_Archive):
         try:
             with tarfile.open(self.path, "r|*") as archive:
                 for member in archive:
-                    name = member.name.removeprefix("./")
-                    if not (member.isfile() and _visible(name)):
+                    name = member.name.removeprefix("./").rstrip("/")
+                    if not _visible(name):
+                        continue
+                    if member.isdir() and wanted is None:
+                        yield name + "/", b""
+                    if not member.isfile():
                         continue
                     if wanted is None:
                         yield name, b""
@@ -255,14 +292,28 @@ class _Tar(_Archive):
             raise self._corrupt(error) from error
 
     @cached_property
+    def _listed(self) -> list[str]:
+        return [name for name, _ in self._stream(None)]
+
+    @cached_property
     def names(self) -> list[str]:
-        return sorted(name for name, _ in self._stream(None))
+        return sorted(name for name in self._listed if not name.endswith("/"))
+
+    @cached_property
+    def folders(self) -> list[str]:
+        named = {name.rstrip("/") for name in self._listed if name.endswith("/")}
+        return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         return self._stream(set(names))
 
 
 _Source = _Directory | _Zip | _Tar
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _open_source(spec: str) -> _Source:
@@ -319,7 +370,7 @@ def _splits(source: _Source, kind: str, folder: str) -> list[str]:
     if kind == "IDX":
         have = {split for split in SPLITS if _idx_files(present, folder, split)}
     elif kind == "image folder":
-        have = set(_image_folder(source.names))
+        have = set(_image_folder(source))
     else:
         layout = _CIFAR[kind]
         files = {"train": layout.train, "test": layout.test}
@@ -495,38 +546,58 @@ def _text_lines(data: bytes, where: str) -> list[str]:
 # ---- image folders
 
 
-def _image_folder(names: list[str]) -> dict[str, dict[str, list[str]]]:
+def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     """Image names by split, then by class folder, for <class>/ and <split>/<class>/ layouts."""
-    images = [(name, name.split("/")) for name in names if _is_image(name)]
+    images = [(name, name.split("/")) for name in source.names if _is_image(name)]
     # Descend through single wrapping folders ("hymenoptera_data/train/ants/x.jpg"), but never
     # through a split folder or into a class folder.
+    root: list[str] = []
     while (
         images
         and all(len(parts) >= 3 for _, parts in images)
         and len({parts[0] for _, parts in images}) == 1
         and images[0][1][0] not in _SPLIT_FOLDERS
     ):
+        root.append(images[0][1][0])
         images = [(name, parts[1:]) for name, parts in images]
     tops = {parts[0] for _, parts in images if len(parts) >= 2}
+    split_layout = bool(tops & set(_SPLIT_FOLDERS))
+
+    def split_of(parts: list[str]) -> str | None:
+        """The split a <split>/<class>/... path is in; None for a folder deepres ignores."""
+        if parts[0] not in _SPLIT_FOLDERS or (parts[0] == "val" and "test" in tops):
+            return None
+        return _SPLIT_FOLDERS[parts[0]]
+
     layout: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    if tops & set(_SPLIT_FOLDERS):
-        for name, parts in images:
-            if len(parts) < 3 or parts[0] not in _SPLIT_FOLDERS:
-                continue
-            if parts[0] == "val" and "test" in tops:
-                continue
-            layout[_SPLIT_FOLDERS[parts[0]]][parts[1]].append(name)
-    else:
-        for name, parts in images:
-            if len(parts) >= 2:
-                layout["train"][parts[0]].append(name)
+    for name, parts in images:
+        if not split_layout and len(parts) >= 2:
+            layout["train"][parts[0]].append(name)
+        elif split_layout and len(parts) >= 3 and split_of(parts):
+            layout[split_of(parts)][parts[1]].append(name)
+    # A class folder without images would be a class no image is labelled with: refused, as
+    # torchvision's ImageFolder refuses it.
+    for folder in source.folders:
+        parts = folder.split("/")
+        if parts[: len(root)] != root:
+            continue
+        parts = parts[len(root) :]
+        if not split_layout and len(parts) == 1:
+            split, name = "train", parts[0]
+        elif split_layout and len(parts) == 2 and split_of(parts):
+            split, name = split_of(parts), parts[1]
+        else:
+            continue
+        if name not in layout.get(split, {}):
+            suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
+            raise DataError(f"{source.where(folder)}: class folder with no images ({suffixes})")
     return layout
 
 
 def _read_image_folder(
     source: _Source, split: str, image_size: int | None
 ) -> tuple[np.ndarray, np.ndarray, list]:
-    layout = _image_folder(source.names)
+    layout = _image_folder(source)
     # Labels follow the training classes, so that test label i names the same class as train's.
     classes = sorted(layout["train"] if "train" in layout else layout[split])
     names, labels = [], []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
@@ -64,12 +64,32 @@ class Context:
         )
 
 
+# Where a run lives and how it is run, logged and saved, not what it learns: a run that
+# differs from the one asked for in these alone is that run.
+_HOW_NOT_WHAT = {
+    "out",
+    "device",
+    "compile",
+    "channels_last",
+    "checkpoint_every",
+    "log_every",
+    "eval_every",
+}
+
+
+def same_run(saved: TrainConfig, config: TrainConfig) -> bool:
+    """Whether a saved run is the run config asks for (precision auto accepts what it became)."""
+    ignored = _HOW_NOT_WHAT | ({"precision"} if config.precision == "auto" else set())
+    a, b = asdict(saved), asdict(config)
+    return all(a[k] == b[k] for k in a if k not in ignored)
+
+
 def ensure_run(ctx: Context, config: TrainConfig) -> Path:
     """Train a run, resume it if it was stopped, or reuse it if it is finished."""
     run = Path(config.out)
     if (run / CONFIG).exists():
         saved = load_config(run)
-        if replace(saved, device=config.device) != config:
+        if not same_run(saved, config):
             raise ValueError(
                 f"{run}: holds a run with other settings; remove it or choose another --runs"
             )

@@ -1,0 +1,70 @@
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deepres
+from deepres.cli import main
+from deepres.data import open_dataset
+from deepres.train import TrainConfig, train
+
+CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.zip"
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory) -> Path:
+    """24 real CIFAR-10 JPEGs, 8 of each of 3 classes, as <class>/*.jpg."""
+    if not CIFAR_JPEGS.is_file():
+        pytest.skip(f"{CIFAR_JPEGS} is absent (real data lives in ../shared/data)")
+    root = tmp_path_factory.mktemp("cifar")
+    with zipfile.ZipFile(CIFAR_JPEGS) as archive:
+        for name in ("airplane", "cat", "ship"):
+            jpegs = sorted(n for n in archive.namelist() if n.startswith(f"train/{name}/"))[:8]
+            (root / name).mkdir()
+            for jpeg in jpegs:
+                (root / name / Path(jpeg).name).write_bytes(archive.read(jpeg))
+    return root
+
+
+def test_onnx_export_matches_deepres_on_real_images(cifar_folder, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (dev extras)")
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (dev extras)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (dev extras)")
+    run = tmp_path / "run"
+    config = TrainConfig(
+        model="resnet20",
+        data=str(cifar_folder),
+        out=str(run),
+        iters=2,
+        batch_size=16,
+        width=4,
+        device="cpu",
+        precision="fp32",
+    )
+    train(config, progress=False)
+    path = tmp_path / "model.onnx"
+    assert main(["export", str(run), "--onnx", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+
+    model = onnx.load(path)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(metadata["classes"]) == ["airplane", "cat", "ship"]
+    assert json.loads(metadata["input_size"]) == [3, 32, 32]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (given,) = session.get_inputs()
+    assert given.type == "tensor(uint8)" and given.shape[1:] == [3, 32, 32]
+    assert isinstance(given.shape[0], str)  # the batch dimension is dynamic
+
+    images = open_dataset(str(cifar_folder)).images
+    expected = deepres.load(run)(images).numpy()
+    # A batch of all 24, and of one: the batch size is free.
+    for batch in (images, images[:1]):
+        (probs,) = session.run(None, {"images": batch.numpy()})
+        assert probs.shape == (len(batch), 3)
+        assert np.abs(probs - expected[: len(batch)]).max() < 1e-4
+        assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # Not a constant net: the images are told apart.
+    assert torch.from_numpy(expected).std(0).max() > 1e-3
