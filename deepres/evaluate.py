@@ -6,7 +6,7 @@ fully-convolutional multi-scale (Table 4).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -231,13 +231,10 @@ def evaluate_run(
     model = classifier.model.to(device)
     record = {"run": str(run), "data": data, "split": split, "protocol": protocol}
     if protocol != "single":
-        views = default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1])
-        views = Protocol(
-            protocol,
-            resize or views.resize,
-            crop or views.crop,
-            tuple(scales or views.scales),
-            views.flip,
+        sizes = {"resize": resize, "crop": crop, "scales": tuple(scales) if scales else scales}
+        views = replace(
+            default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1]),
+            **{name: value for name, value in sizes.items() if value is not None},
         )
         keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
         classes, n, images = read_full_size(data, "train" if split == "val" else "test", keep)

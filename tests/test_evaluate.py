@@ -293,6 +293,8 @@ def test_cli_eval_protocols_json(mixed_run, capsys):
     assert main(["eval", str(mixed_run), "--protocol", "center", "--crop", "12"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "larger than resize" in err[0]
+    assert main(["eval", str(mixed_run), "--protocol", "center", "--resize", "0"]) == 2
+    assert "positive" in capsys.readouterr().err
 
 
 def test_protocols_agree_with_a_library_call(mixed_run):
