@@ -157,10 +157,9 @@ def read_full_size(
     """Class names, count and (uint8 HxW[xC] image, label) pairs of a split at full size.
 
     keep(n) picks, from the split's n images in open_dataset's order, the positions to read
-    (a held-out split). An image
-    folder is decoded one image at a time as the pairs are drawn, never whole: full-size photos
-    of mixed sizes neither fit one tensor nor, for a large set, memory. Other formats hold
-    images of one size, which open_dataset reads as they are.
+    (a held-out split). An image folder is decoded one image at a time as the pairs are drawn,
+    never whole: full-size photos of mixed sizes fit no one tensor, and a large set no memory.
+    Other formats hold images of one size, which open_dataset reads as they are.
     """
     if split not in SPLITS:
         raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
