@@ -70,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             normalize=args.normalize,
             image_size=args.image_size,
             compile=args.compile,
+            init=args.init,
+            freeze_backbone=args.freeze_backbone,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["pixel", "channel"])
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start from a run, .safetensors or .pth state dict: every weight but the fc",
+    )
+    p.add_argument("--freeze-backbone", action="store_true", help="with --init: train the fc alone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -1,14 +1,18 @@
+import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepres.checkpoint import WEIGHTS, save_tensors
+from deepres.checkpoint import WEIGHTS, load_tensors, save_tensors
+from deepres.cli import main
 from deepres.data.loader import Preprocess
 from deepres.evaluate import predict_logits
 from deepres.finetune import freeze_backbone, load_backbone, read_weights
 from deepres.models import create_model
+from deepres.train import TrainConfig, load_config, train
 
 
 def pretrained(seed: int = 1, **options) -> torch.nn.Module:
@@ -125,3 +129,68 @@ def test_freeze_backbone_leaves_every_other_parameter_and_bn_buffer_unchanged():
             assert not torch.equal(after[key], value), key
         else:
             assert torch.equal(after[key], value), key
+
+
+def finetune_config(folder, out, **kw) -> TrainConfig:
+    base = dict(
+        model="resnet20",
+        data=str(folder),
+        out=str(out),
+        iters=4,
+        batch_size=16,
+        width=4,
+        checkpoint_every=2,
+        deterministic=True,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_init_freeze_backbone_and_resume(tiny_folder, tmp_path):
+    source = pretrained()
+    pth = weights_files(tmp_path, source)["pth"]
+    whole = finetune_config(tiny_folder, tmp_path / "whole", init=pth, freeze_backbone=True)
+    train(whole, progress=False)
+    weights = load_tensors(tmp_path / "whole" / WEIGHTS)[0]
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(weights[key], value), key
+    assert weights["fc.weight"].shape == (3, 16)  # tiny_folder has 3 classes, the source 10
+    # Stopped and resumed with the weights file gone: the checkpoint holds all it needs.
+    stopped = replace(whole, out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=2, progress=False)
+    os.remove(pth)
+    config = load_config(tmp_path / "stopped")
+    assert config.init == pth and config.freeze_backbone
+    train(config, resume=True, progress=False)
+    assert (tmp_path / "whole" / WEIGHTS).read_bytes() == (
+        tmp_path / "stopped" / WEIGHTS
+    ).read_bytes()
+
+
+def test_cli_train_init_from_a_run(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--iters", "2", "--batch-size", "16", "--quiet"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*base, "--out", str(first)]) == 0
+    assert main([*base, "--out", str(second), "--init", str(first)]) == 0
+    capsys.readouterr()
+    assert json.loads((second / "config.json").read_text())["config"]["init"] == str(first)
+    start = load_tensors(first / WEIGHTS)[0]
+    end = load_tensors(second / WEIGHTS)[0]
+    # Not frozen: the backbone trains on from the first run's weights.
+    assert not torch.equal(start["conv1.weight"], end["conv1.weight"])
+    assert torch.allclose(start["conv1.weight"], end["conv1.weight"], atol=0.1)
+
+
+def test_cli_train_init_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--iters", "2", "--quiet", "--out", str(tmp_path / "out")]
+    wrong = weights_files(tmp_path, create_model("resnet32", width=4))["safetensors"]
+    assert main([*base, "--init", wrong]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and wrong in err[0] and "layer1.3" in err[0]
+    assert main([*base, "--freeze-backbone"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0]
+    assert not (tmp_path / "out").exists()
