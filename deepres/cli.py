@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
 from deepres.data import DataError, image_files
 from deepres.distributed import world
-from deepres.evaluate import evaluate_run
+from deepres.evaluate import PROTOCOLS, evaluate_run
 from deepres.experiments import EXPERIMENTS, reproduce
 from deepres.experiments.common import BUDGETS
 from deepres.export import export_onnx
@@ -76,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             normalize=args.normalize,
             image_size=args.image_size,
             compile=args.compile,
+            init=args.init,
+            freeze_backbone=args.freeze_backbone,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
@@ -84,11 +86,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    result = evaluate_run(args.run, args.data, args.split, args.device)
+    try:
+        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+    except ValueError:
+        raise ValueError(f"--scales takes sizes such as 224,256, not {args.scales!r}") from None
+    result = evaluate_run(
+        args.run,
+        args.data,
+        args.split,
+        args.device,
+        args.protocol,
+        args.resize,
+        args.crop,
+        scales,
+        progress=True,
+    )
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "classes"}, indent=2))
         return
-    print(f"{args.run} on {result['data']} ({result['split']}, {result['n']} images)")
+    print(
+        f"{args.run} on {result['data']} ({result['split']}, {result['n']} images, "
+        f"{result['protocol']})"
+    )
     print(f"top-1 error {result['top1_error']:.2f}%   top-5 error {result['top5_error']:.2f}%")
     print(f"{'class':<24}{'error %':>8}")
     for name, err in zip(result["classes"], result["per_class_error"], strict=True):
@@ -240,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["pixel", "channel"])
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument(
+        "--init",
+        metavar="WEIGHTS",
+        help="start from a run, .safetensors or .pth state dict: every weight but the fc",
+    )
+    p.add_argument("--freeze-backbone", action="store_true", help="with --init: train the fc alone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -249,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="default: the data the run was trained on; a bare <class>/ folder is tested"
     )
     p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="single",
+        help="single: the training-size view; center, 10crop, multiscale: full-size images",
+    )
+    p.add_argument("--resize", type=int, help="center/10crop shorter side (ImageNet nets: 256)")
+    p.add_argument("--crop", type=int, help="center/10crop view size (ImageNet nets: 224)")
+    p.add_argument("--scales", metavar="S,S", help="multiscale shorter sides (224,256,384,480,640)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

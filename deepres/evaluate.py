@@ -1,17 +1,162 @@
-"""Evaluation: top-1/top-5 error of a net on uint8 images, single view (Sec. 4.2)."""
+"""Evaluation: top-1/top-5 error of a net, on one view per image (Sec. 4.2) or with the paper's
+ImageNet testing (Sec. 3.4) on full-size images: a center crop, 10-crop (Table 3) and
+fully-convolutional multi-scale (Table 4).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from deepres.checkpoint import CONFIG, read_json
-from deepres.data import ImageDataset, available_splits, open_dataset
+from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
+from deepres.data.readers import read_full_size
 from deepres.inference import load
+from deepres.models import model_family
 from deepres.pretrained import resolve_run
+
+# "single" is the one view of the in-memory data the net was trained on; the others read
+# every image at full size from the data source.
+PROTOCOLS = ("single", "center", "10crop", "multiscale")
+# Table 4's shorter sides; the paper's crop is 224 after resizing the shorter side to 256.
+PAPER_SCALES = (224, 256, 384, 480, 640)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the test views of an image are cut (center, 10crop, multiscale) and combined."""
+
+    name: str
+    resize: int = 256  # center, 10crop: the shorter side before cropping
+    crop: int = 224  # center, 10crop: the side of the square views
+    scales: tuple[int, ...] = PAPER_SCALES  # multiscale: the shorter sides
+    flip: bool = True  # multiscale: each scale with its horizontal flip too
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS[1:]:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.name!r}")
+        if not self.scales or min(self.resize, self.crop, *self.scales) < 1:
+            raise ValueError(f"{self.name}: sizes must be positive numbers of pixels")
+        if self.name != "multiscale" and self.crop > self.resize:
+            raise ValueError(f"{self.name}: crop {self.crop} is larger than resize {self.resize}")
+
+    def settings(self) -> dict:
+        """The sizes this protocol uses, for the record."""
+        if self.name == "multiscale":
+            return {"scales": list(self.scales), "flip": self.flip}
+        return {"resize": self.resize, "crop": self.crop}
+
+
+def default_protocol(name: str, family: str, input_size: int) -> Protocol:
+    """The paper's sizes for an ImageNet net; for a CIFAR-sized net, sizes of its input."""
+    if family == "imagenet":
+        return Protocol(name)
+    # A CIFAR-sized net sees whole images of its input size: its center view is that image
+    # (resize = crop, as the single view), and Table 4's sides keep their ratios to the crop.
+    scales = tuple(round(side * input_size / 224) for side in PAPER_SCALES)
+    return Protocol(name, resize=input_size, crop=input_size, scales=scales)
+
+
+def channel_preprocess(preprocess: Preprocess) -> Preprocess:
+    """The run's normalisation for views of any size: a per-channel mean and std [C, 1, 1]."""
+    # A per-pixel mean image (the paper's, Sec. 3.4) has the training size, which full-size
+    # views do not: its average over the pixels is the mean colour it subtracts on average.
+    return Preprocess(
+        preprocess.mean.mean((1, 2), keepdim=True), preprocess.std.mean((1, 2), keepdim=True)
+    )
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """The image scaled, aspect kept, to a shorter side of size (bilinear, as --image-size)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image if resized == image.size else image.resize(resized, Image.Resampling.BILINEAR)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size window of [..., H, W], offsets rounded down (as --image-size)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The 4 corner and the central size x size windows of [C, H, W], then their h-flips."""
+    h, w = x.shape[-2:]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
+    crops = [x[:, top : top + size, left : left + size] for top, left in corners]
+    crops = torch.stack([*crops, center_crop(x, size)])
+    return torch.cat([crops, crops.flip(-1)])
+
+
+def dense_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class scores [N, K, h, w] at every position of the last map: the fc as a 1x1 conv."""
+    features = model.forward_features(x)[model.stage_names[-1]]
+    return F.conv2d(features, model.fc.weight[:, :, None, None], model.fc.bias)
+
+
+def _as_input(image: Image.Image, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+    array = np.asarray(image)
+    x = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1)
+    return preprocess(x.permute(2, 0, 1)[None].to(device))
+
+
+@torch.no_grad()
+def protocol_probabilities(
+    model: nn.Module, image: Image.Image, preprocess: Preprocess, protocol: Protocol
+) -> torch.Tensor:
+    """Class probabilities [K] of one image: the softmax averaged over the protocol's views."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if protocol.name == "multiscale":
+        probs = []
+        for side in protocol.scales:
+            x = _as_input(resize_shorter(image, side), preprocess, device)
+            views = torch.cat([x, x.flip(-1)]) if protocol.flip else x
+            # The score map is averaged over positions before the softmax, as VGG does (the
+            # paper's [41]); then softmax scores are averaged over scales and flips. At the
+            # training size this is exactly the net's ordinary forward.
+            probs.append(dense_logits(model, views).mean((2, 3)).float().softmax(1))
+        result = torch.cat(probs).mean(0)
+    else:
+        x = _as_input(resize_shorter(image, protocol.resize), preprocess, device)[0]
+        crop = protocol.crop
+        views = center_crop(x, crop)[None] if protocol.name == "center" else ten_crop(x, crop)
+        result = model(views).float().softmax(1).mean(0)
+    model.train(was_training)
+    return result
+
+
+def predict_protocol(
+    model: nn.Module,
+    images: Iterable[tuple[np.ndarray, int]],
+    preprocess: Preprocess,
+    protocol: Protocol,
+    total: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities [N, K] and labels [N] of (uint8 HxW[xC] image, label) pairs, one at a time."""
+    preprocess = channel_preprocess(preprocess).to(next(model.parameters()).device)
+    mode = "L" if preprocess.mean.shape[0] == 1 else "RGB"
+    probs, labels = [], []
+    for array, label in tqdm(images, total=total, disable=None if progress else True):
+        image = Image.fromarray(array).convert(mode)
+        probs.append(protocol_probabilities(model, image, preprocess, protocol))
+        labels.append(label)
+    if not probs:
+        raise ValueError("no images to evaluate")
+    return torch.stack(probs), torch.tensor(labels)
 
 
 @torch.no_grad()
@@ -60,59 +205,85 @@ def error_rates(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate_run(
-    run: str | Path, data: str | None = None, split: str = "test", device: str = "cpu"
+    run: str | Path,
+    data: str | None = None,
+    split: str = "test",
+    device: str = "cpu",
+    protocol: str = "single",
+    resize: int | None = None,
+    crop: int | None = None,
+    scales: tuple[int, ...] | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Top-1/top-5 error of a trained run on a data set's test split or the run's held-out split.
+    """Top-1/top-5 error of a run on a test split or its held-out split, under a protocol.
 
     Data given that has one split only (a bare <class>/ image folder, as held-out test sets
-    often come) is evaluated whole, its classes matched to the run's by name.
+    often come) is evaluated whole ("all"), its classes matched to the run's by name. resize,
+    crop and scales replace the protocol's defaults (default_protocol).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if split not in ("test", "val"):
+        raise ValueError(f"--split must be test or val, got {split!r}")
     run = resolve_run(run)
     classifier = load(run)
     saved = read_json(run / CONFIG)
     config = saved["config"]
     given, data = data is not None, data or config["data"]
-    if split == "val":
-        if not config["val_split"]:
-            raise ValueError(f"{run}: was trained without --val-split, so it has no val split")
-        dataset = open_dataset(data, "train", image_size=config["image_size"])
-        _, index = split_train_val(len(dataset.labels), config["val_split"])
-        images, labels = dataset.images[index], dataset.labels[index]
-    elif split == "test":
-        split, dataset = _test_set(run, saved, data, given)
-        images, labels = dataset.images, dataset.labels
-    else:
-        raise ValueError(f"--split must be test or val, got {split!r}")
+    if split == "val" and not config["val_split"]:
+        raise ValueError(f"{run}: was trained without --val-split, so it has no val split")
+    if split == "test":
+        split = _test_split(run, saved, data, given)
+    read_split = "test" if split == "test" else "train"
+    keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
+    model = classifier.model.to(device)
+    record = {"run": str(run), "data": data, "split": split, "protocol": protocol}
+    if protocol != "single":
+        sizes = {"resize": resize, "crop": crop, "scales": tuple(scales) if scales else scales}
+        views = replace(
+            default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1]),
+            **{name: value for name, value in sizes.items() if value is not None},
+        )
+        classes, n, images = read_full_size(data, read_split, keep)
+        index = _class_index(classes, classifier.classes, data, run)
+        probs, labels = predict_protocol(
+            model, images, classifier.preprocess, views, total=n, progress=progress
+        )
+        result = error_rates(probs, index[labels])
+        return {**record, **views.settings(), **result, "classes": classifier.classes}
+    dataset = open_dataset(data, read_split, image_size=config["image_size"])
+    images, labels = dataset.images, dataset.labels
+    if keep is not None:
+        index = keep(len(labels))
+        images, labels = images[index], labels[index]
     if list(images.shape[1:]) != classifier.input_size:
         raise ValueError(
             f"{data}: images {list(images.shape[1:])} do not fit {run} ({classifier.input_size})"
         )
-    labels = _to_run_classes(labels, dataset.classes, classifier.classes, data, run)
-    model = classifier.model.to(device)
+    labels = _class_index(dataset.classes, classifier.classes, data, run)[labels]
     logits = predict_logits(model, images, classifier.preprocess)
     result = error_rates(logits, labels)
-    return {"run": str(run), "data": data, "split": split, **result, "classes": classifier.classes}
+    return {**record, **result, "classes": classifier.classes}
 
 
-def _test_set(run: str | Path, saved: dict, data: str, given: bool) -> tuple[str, ImageDataset]:
-    """The test split of data, or all of data given with one split only ("all")."""
-    image_size = saved["config"]["image_size"]
+def _test_split(run: str | Path, saved: dict, data: str, given: bool) -> str:
+    """ "test", or "all" for data given with one split only."""
     if not given or available_splits(data) != ["train"]:
-        return "test", open_dataset(data, "test", image_size=image_size)
-    dataset = open_dataset(data, "train", image_size=image_size)
+        return "test"
     # The run's own training images are no test set.
+    dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
     if dataset.source == saved.get("data_source"):
         raise ValueError(
             f"{data}: the data {run} was trained on, with no test split; give held-out "
             "images, or --split val for a run trained with --val-split"
         )
-    return "all", dataset
+    return "all"
 
 
-def _to_run_classes(
-    labels: torch.Tensor, classes: list[str], run_classes: list[str], data: str, run: str | Path
+def _class_index(
+    classes: list[str], run_classes: list[str], data: str, run: str | Path
 ) -> torch.Tensor:
-    """Labels of a data set's classes as indices of the run's classes, matched by name."""
+    """For each of a data set's classes, the index of the run's class of that name."""
     if set(classes) != set(run_classes):
         missing = sorted(set(run_classes) - set(classes))
         extra = sorted(set(classes) - set(run_classes))
@@ -121,5 +292,4 @@ def _to_run_classes(
             f"not in the run: {', '.join(extra) or 'none'}; "
             f"not in the data: {', '.join(missing) or 'none'}"
         )
-    index = torch.tensor([run_classes.index(name) for name in classes])
-    return index[labels]
+    return torch.tensor([run_classes.index(name) for name in classes])

@@ -45,6 +45,7 @@ from deepres.checkpoint import (
 from deepres.data import ImageDataset, available_splits, open_dataset
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
 from deepres.evaluate import error_rates, predict_logits
+from deepres.finetune import freeze_backbone, load_backbone
 from deepres.models import create_model, model_family
 from deepres.provenance import git_commit
 from deepres.recipes import Recipe, default_recipe, get_recipe
@@ -84,6 +85,8 @@ class TrainConfig:
     width: int | None = None
     normalize: str | None = None
     image_size: int | None = None
+    init: str | None = None
+    freeze_backbone: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -288,11 +291,22 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     torch.manual_seed(config.seed)
     in_channels = dataset.images.shape[1]
     model_options = _model_options(config, len(dataset.classes), in_channels)
-    model = create_model(config.model, **model_options).to(device)
+    model = create_model(config.model, **model_options)
+    if config.freeze_backbone and not config.init:
+        raise ValueError("--freeze-backbone trains the fc alone: it needs --init WEIGHTS")
+    if config.init and not resume:
+        # Fine-tuning: every weight but the fc; a resumed run has them all in its checkpoint.
+        load_backbone(model, config.init)
+    if config.freeze_backbone:
+        freeze_backbone(model)
+    model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
     )
 
     # Built before anything is written: a batch that cannot be drawn leaves no half-made run.

@@ -1,81 +1,312 @@
+import io
 import json
-import shutil
+import math
+import tarfile
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch import nn
 
-from deepres.checkpoint import load_tensors, save_tensors
+import deepres
 from deepres.cli import main
-from deepres.evaluate import evaluate_run
+from deepres.data import open_dataset
+from deepres.data.loader import Preprocess
+from deepres.data.readers import read_full_size
+from deepres.evaluate import (
+    Protocol,
+    center_crop,
+    default_protocol,
+    dense_logits,
+    evaluate_run,
+    predict_protocol,
+    protocol_probabilities,
+    resize_shorter,
+)
+from deepres.models import create_model
 from deepres.train import TrainConfig, train
+
+HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera.zip"
+# Images of mixed sizes and aspects, as photos come: (width, height).
+SIZES = [(20, 14), (14, 22), (17, 17), (30, 16)]
+
+
+def identity_preprocess(channels: int = 3, scale: float = 1.0) -> Preprocess:
+    """x = uint8 value * 255 / (255 * scale): no mean, so hand-computed inputs stay readable."""
+    return Preprocess(torch.zeros(channels, 1, 1), torch.full((channels, 1, 1), scale / 255))
+
+
+class ChannelProbe(nn.Module):
+    """Logits [mean of channel 0, its top-left pixel, 0]: a known function of each view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros(len(x))
+        return torch.stack([x[:, 0].mean((1, 2)), x[:, 0, 0, 0], zeros], 1)
+
+
+class Recorder(nn.Module):
+    """Remembers the batch it was given; two constant logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return torch.zeros(len(x), 2)
+
+
+def softmax(values):
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_ten_crop_averages_the_softmax_of_corners_centre_and_flips_by_hand():
+    # Channel 0 holds 4i + j at row i, column j; scaled by 1/4 it reads i + j/4.
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    pixels[:, :, 0] = np.arange(16).reshape(4, 4)
+    image = Image.fromarray(pixels)
+    # Each 2x2 crop as (mean, top-left, top-right) of i + j/4; a flipped crop's top-left is the
+    # crop's top-right. The centre crop is rows 1-2, columns 1-2.
+    crops = [
+        (0.625, 0.0, 0.25),  # top-left: 0, .25, 1, 1.25
+        (1.125, 0.5, 0.75),  # top-right: .5, .75, 1.5, 1.75
+        (2.625, 2.0, 2.25),  # bottom-left: 2, 2.25, 3, 3.25
+        (3.125, 2.5, 2.75),  # bottom-right: 2.5, 2.75, 3.5, 3.75
+        (1.875, 1.25, 1.5),  # centre: 1.25, 1.5, 2.25, 2.5
+    ]
+    views = [softmax([m, tl, 0]) for m, tl, _ in crops] + [
+        softmax([m, tr, 0]) for m, _, tr in crops
+    ]
+    expected = torch.tensor([sum(v[k] for v in views) / 10 for k in range(3)])
+    probs = protocol_probabilities(
+        ChannelProbe(), image, identity_preprocess(scale=4.0), Protocol("10crop", 4, 2)
+    )
+    assert torch.allclose(probs, expected, atol=1e-6)
+    # The centre crop alone is the centre view.
+    centre = protocol_probabilities(
+        ChannelProbe(), image, identity_preprocess(scale=4.0), Protocol("center", 4, 2)
+    )
+    assert torch.allclose(centre, torch.tensor(softmax([1.875, 1.25, 0])), atol=1e-6)
+
+
+def test_center_crop_geometry():
+    assert resize_shorter(Image.new("RGB", (500, 375)), 256).size == (341, 256)
+    assert resize_shorter(Image.new("RGB", (375, 500)), 256).size == (256, 341)
+    same = Image.new("RGB", (300, 256))
+    assert resize_shorter(same, 256) is same
+    x = torch.arange(5 * 7).view(1, 5, 7)
+    assert center_crop(x, 3).tolist() == [[[9, 10, 11], [16, 17, 18], [23, 24, 25]]]
+    # Shorter side 8 already: the 4x4 view is rows 2-5, columns 4-7 of the normalised image.
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    model = Recorder()
+    protocol_probabilities(
+        model, Image.fromarray(pixels), identity_preprocess(), Protocol("center", 8, 4)
+    )
+    (seen,) = model.seen
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float()[:, 2:6, 4:8]
+    assert seen.shape == (1, 3, 4, 4) and torch.allclose(seen[0], expected, atol=1e-4)
+    # A 16x24 image is first resized to a shorter side of 8 (8x12), then cropped.
+    model = Recorder()
+    protocol_probabilities(
+        model, Image.new("RGB", (24, 16)), identity_preprocess(), Protocol("center", 8, 4)
+    )
+    assert model.seen[0].shape == (1, 3, 4, 4)
+
+
+def test_fully_convolutional_at_one_scale_equals_the_ordinary_forward():
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    preprocess = Preprocess(torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25))
+    x = preprocess(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        logits = model(x)
+        scores = dense_logits(model, x)
+    assert scores.shape == (1, 10, 7, 7)
+    assert torch.allclose(scores.mean((2, 3)), logits, atol=1e-5)
+    probs = protocol_probabilities(
+        model,
+        Image.fromarray(pixels),
+        preprocess,
+        Protocol("multiscale", scales=(224,), flip=False),
+    )
+    assert torch.allclose(probs, logits.softmax(1)[0], atol=1e-6)
+
+
+def test_multiscale_on_non_square_images_gives_probabilities_over_scales_and_flips():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3, width=4).eval()
+    shapes = []
+    model.conv1.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    preprocess = identity_preprocess()
+    rng = np.random.default_rng(0)
+    for height, width in [(40, 56), (56, 40)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        shapes.clear()
+        probs = protocol_probabilities(
+            model, image, preprocess, Protocol("multiscale", scales=(16, 24))
+        )
+        assert probs.shape == (3,) and (probs >= 0).all()
+        assert abs(float(probs.sum()) - 1) < 1e-5
+        long = [round(s * max(height, width) / min(height, width)) for s in (16, 24)]
+        sides = [(16, long[0]), (24, long[1])] if height < width else [(long[0], 16), (long[1], 24)]
+        assert shapes == [(2, 3, h, w) for h, w in sides]  # each scale with its flip, no crop
+        # The average over flips is the average of the image's and its mirror image's.
+        one_way = Protocol("multiscale", scales=(16, 24), flip=False)
+        plain = protocol_probabilities(model, image, preprocess, one_way)
+        mirrored = protocol_probabilities(
+            model, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), preprocess, one_way
+        )
+        assert torch.allclose(probs, (plain + mirrored) / 2, atol=1e-6)
+        assert not torch.allclose(plain, mirrored, atol=1e-6)
+
+
+def test_protocol_sizes_default_to_the_paper_or_the_net_input():
+    assert default_protocol("10crop", "imagenet", 224) == Protocol("10crop", 256, 224)
+    cifar = default_protocol("multiscale", "cifar", 32)
+    assert (cifar.resize, cifar.crop, cifar.scales) == (32, 32, (32, 37, 55, 69, 91))
+    with pytest.raises(ValueError, match="larger than resize"):
+        Protocol("center", resize=30, crop=32)
+    with pytest.raises(ValueError, match="protocol must be"):
+        Protocol("5crop")
+
+
+def write_mixed_folder(root: Path) -> Path:
+    """ROOT/{train,test}/<class>/*.png of mixed sizes, with a gray image among the colour ones."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 6), ("test", 3)):
+        for label, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                width, height = SIZES[(i + label) % len(SIZES)]
+                noise = rng.integers(-40, 40, (height, width, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                (image.convert("L") if (split, label, i) == ("test", 0, 1) else image).save(
+                    folder / f"{i:02d}.png"
+                )
+    return root
 
 
 @pytest.fixture(scope="module")
-def bare_run(tiny_folder, tmp_path_factory):
-    """A run trained on a bare <class>/ folder: training images only, no test split."""
-    run = tmp_path_factory.mktemp("bare") / "run"
+def mixed_folder(tmp_path_factory) -> Path:
+    return write_mixed_folder(tmp_path_factory.mktemp("mixed") / "photos")
+
+
+def test_read_full_size_keeps_sizes_and_open_datasets_order(mixed_folder, tmp_path):
+    dataset = open_dataset(str(mixed_folder), "test", image_size=8)
+    classes, n, pairs = read_full_size(str(mixed_folder), "test")
+    images, labels = zip(*pairs, strict=True)
+    assert classes == dataset.classes and n == len(images) == 6
+    assert list(labels) == dataset.labels.tolist()
+    assert {image.shape[:2] for image in images} == {(h, w) for w, h in SIZES}
+    assert sum(image.ndim == 2 for image in images) == 1  # the gray one stays gray
+    # A tar yields members in archive order: written backwards, labels must still follow names.
+    archive = tmp_path / "photos.tar"
+    files = sorted(p for p in mixed_folder.rglob("*.png"))
+    with tarfile.open(archive, "w") as tar:
+        for path in reversed(files):
+            tar.add(path, arcname=str(path.relative_to(mixed_folder)))
+    _, _, tar_pairs = read_full_size(str(archive), "test")
+    by_shape = sorted((a.shape, int(a.sum()), label) for a, label in tar_pairs)
+    assert by_shape == sorted(
+        (a.shape, int(a.sum()), label) for a, label in zip(images, labels, strict=True)
+    )
+    # keep picks by position in open_dataset's order.
+    _, n_kept, kept = read_full_size(str(mixed_folder), "test", lambda n: torch.tensor([4, 0]))
+    kept = list(kept)
+    assert n_kept == 2 and [label for _, label in kept] == [labels[4], labels[0]]
+    assert np.array_equal(kept[0][0], images[4]) and np.array_equal(kept[1][0], images[0])
+
+
+def test_read_full_size_of_a_fixed_size_format(tmp_path):
+    root = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(root, "w") as z:
+        for i in range(3):
+            buffer = io.BytesIO()
+            Image.new("L", (9, 7), 40 * i).save(buffer, "PNG")
+            z.writestr(f"train/c{i % 2}/{i}.png", buffer.getvalue())
+    classes, n, pairs = read_full_size(str(root), "train")
+    arrays = [a for a, _ in pairs]
+    assert classes == ["c0", "c1"] and n == 3 and all(a.shape == (7, 9) for a in arrays)
+    with pytest.raises(ValueError, match="no test split"):
+        read_full_size(str(root), "test")
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mixed"
     config = TrainConfig(
         model="resnet20",
-        data=str(tiny_folder / "train"),
-        out=str(run),
-        iters=6,
-        batch_size=16,
+        data=str(mixed_folder),
+        out=str(out),
+        iters=2,
+        batch_size=4,
         width=4,
+        image_size=8,
+        normalize="channel",
+        val_split=4,
+        deterministic=True,
         device="cpu",
-        precision="fp32",
     )
     train(config, progress=False)
-    return run
+    return out
 
 
-def test_a_bare_class_folder_is_evaluated_whole(bare_run, tiny_folder, capsys):
-    held_out = tiny_folder / "test"  # blue/, green/, red/: one split
-    result = evaluate_run(bare_run, str(held_out))
-    assert result["split"] == "all" and result["n"] == 18
-    assert len(result["per_class_error"]) == 3
-    assert main(["eval", str(bare_run), "--data", str(held_out)]) == 0
-    assert "(all, 18 images)" in capsys.readouterr().out
-    # The run's own training images are refused as a test set, as before without --data.
-    for args in (["--data", str(tiny_folder / "train")], []):
-        assert main(["eval", str(bare_run), *args]) == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+def test_center_view_of_a_cifar_sized_run_is_its_single_view(mixed_run, mixed_folder):
+    classifier = deepres.load(mixed_run)
+    _, _, pairs = read_full_size(str(mixed_folder), "test")
+    probs, labels = predict_protocol(
+        classifier.model, pairs, classifier.preprocess, default_protocol("center", "cifar", 8)
+    )
+    dataset = open_dataset(str(mixed_folder), "test", image_size=8)
+    assert torch.equal(labels, dataset.labels)
+    assert torch.allclose(probs, classifier(dataset.images), atol=1e-5)
 
 
-def test_classes_are_matched_by_name(bare_run, tiny_folder, tmp_path):
-    # The same net with its classes in another order: fc's rows follow the names.
-    permuted = tmp_path / "permuted"
-    shutil.copytree(bare_run, permuted)
-    saved = json.loads((permuted / "config.json").read_text())
-    order = ["red", "blue", "green"]
-    rows = [saved["classes"].index(name) for name in order]
-    saved["classes"] = order
-    (permuted / "config.json").write_text(json.dumps(saved))
-    weights, _ = load_tensors(permuted / "model.safetensors")
-    weights["fc.weight"], weights["fc.bias"] = weights["fc.weight"][rows], weights["fc.bias"][rows]
-    save_tensors(permuted / "model.safetensors", weights)
-
-    held_out = str(tiny_folder / "test")
-    a, b = evaluate_run(bare_run, held_out), evaluate_run(permuted, held_out)
-    assert a["top1_error"] == b["top1_error"] and a["top5_error"] == b["top5_error"]
-    assert b["per_class_error"] == [a["per_class_error"][i] for i in rows]
-
-
-def test_other_classes_are_refused_in_one_line_naming_them(bare_run, tiny_folder, tmp_path, capsys):
-    other = tmp_path / "other"
-    shutil.copytree(tiny_folder / "test", other)
-    (other / "red").rename(other / "purple")
-    assert main(["eval", str(bare_run), "--data", str(other)]) == 2
+def test_cli_eval_protocols_json(mixed_run, capsys):
+    for protocol in ("center", "10crop", "multiscale"):
+        assert main(["eval", str(mixed_run), "--protocol", protocol, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["protocol"] == protocol and result["n"] == 6
+        assert 0 <= result["top1_error"] <= 100 and result["top5_error"] == 0.0
+    assert result["scales"] == [8, 9, 14, 17, 23]
+    args = ["eval", str(mixed_run), "--protocol", "10crop", "--crop", "6", "--split", "val"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 4 and (result["resize"], result["crop"]) == (8, 6)
+    assert main(args) == 0
+    assert "10crop" in capsys.readouterr().out
+    assert main(["eval", str(mixed_run), "--protocol", "multiscale", "--scales", "8,x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "not in the run: purple" in err[0] and "not in the data: red" in err[0]
-
-
-def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
-    assert main(["predict", str(bare_run), str(tiny_folder / "test"), "--top", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 18  # every image, in the class folders below
-    assert lines[0].startswith(str(tiny_folder / "test" / "blue" / "000.png") + ": ")
-    empty = tmp_path / "empty"
-    (empty / "sub").mkdir(parents=True)
-    assert main(["predict", str(bare_run), str(empty)]) == 2
+    assert len(err) == 1 and "--scales" in err[0]
+    assert main(["eval", str(mixed_run), "--protocol", "center", "--crop", "12"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{empty}: no images" in err[0]
+    assert len(err) == 1 and "larger than resize" in err[0]
+    assert main(["eval", str(mixed_run), "--protocol", "center", "--resize", "0"]) == 2
+    assert "positive" in capsys.readouterr().err
+
+
+def test_protocols_agree_with_a_library_call(mixed_run):
+    result = evaluate_run(mixed_run, protocol="10crop")
+    single = evaluate_run(mixed_run)
+    assert result["protocol"] == "10crop" and single["protocol"] == "single"
+    assert result["n"] == single["n"] == 6
+
+
+@pytest.mark.skipif(not HYMENOPTERA.is_file(), reason=f"{HYMENOPTERA} is absent")
+def test_hymenoptera_photos_read_at_full_size():
+    classes, n, pairs = read_full_size(str(HYMENOPTERA), "test", lambda n: torch.arange(0, n, 40))
+    sizes = [image.shape for image, _ in pairs]
+    assert classes == ["ants", "bees"] and n == len(sizes) == 4
+    assert len(set(sizes)) > 1 and all(len(s) == 3 and s[2] == 3 for s in sizes)

@@ -20,7 +20,7 @@ import warnings
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -163,6 +163,45 @@ def image_files(folder: str | Path) -> list[Path]:
         suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
         raise DataError(f"{folder}: no images ({suffixes}) in this folder or below")
     return found
+
+
+def read_full_size(
+    spec: str, split: str = "train", keep: Callable[[int], torch.Tensor] | None = None
+) -> tuple[list[str], int, Iterator[tuple[np.ndarray, int]]]:
+    """Class names, count and (uint8 HxW[xC] image, label) pairs of a split at full size.
+
+    keep(n) picks, from the split's n images in open_dataset's order, the positions to read
+    (a held-out split). An image folder is decoded one image at a time as the pairs are drawn,
+    never whole: full-size photos of mixed sizes fit no one tensor, and a large set no memory.
+    Other formats hold images of one size, which open_dataset reads as they are.
+    """
+    if split not in SPLITS:
+        raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
+    source = _open_source(spec)
+    kind, folder = _detect(source)
+    if kind != "image folder":
+        dataset = open_dataset(spec, split)
+        images, labels = dataset.images, dataset.labels
+        if keep is not None:
+            index = keep(len(labels))
+            images, labels = images[index], labels[index]
+        pairs = (
+            (image.permute(1, 2, 0).squeeze(2).numpy(), int(label))
+            for image, label in zip(images, labels, strict=True)
+        )
+        return dataset.classes, len(labels), pairs
+    _require_split(source, kind, folder, split)
+    names, labels, classes = _image_folder_split(source, split)
+    if keep is not None:
+        index = keep(len(names)).tolist()
+        names, labels = [names[i] for i in index], [labels[i] for i in index]
+    label_of = dict(zip(names, labels, strict=True))
+    # A tar yields its members in archive order, not in the order asked: labels go by name.
+    pairs = (
+        (_decode_image(data, source.where(name), None), label_of[name])
+        for name, data in source.read(names)
+    )
+    return classes, len(names), pairs
 
 
 # ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
@@ -378,13 +417,17 @@ def _splits(source: _Source, kind: str, folder: str) -> list[str]:
     return [split for split in SPLITS if split in have]
 
 
-def _read(source: _Source, split: str, image_size: int | None) -> ImageDataset:
-    kind, folder = _detect(source)
+def _require_split(source: _Source, kind: str, folder: str, split: str) -> None:
     splits = _splits(source, kind, folder)
     if split not in splits:
         hint = "; hold out part of the training set with --val-split" if split == "test" else ""
         found = ", ".join(splits) or "none"
         raise DataError(f"{source.label}: {kind} with no {split} split (found: {found}){hint}")
+
+
+def _read(source: _Source, split: str, image_size: int | None) -> ImageDataset:
+    kind, folder = _detect(source)
+    _require_split(source, kind, folder, split)
     if kind == "IDX":
         images, labels, classes = _read_idx(source, folder, split)
     elif kind == "image folder":
@@ -594,9 +637,7 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     return layout
 
 
-def _read_image_folder(
-    source: _Source, split: str, image_size: int | None
-) -> tuple[np.ndarray, np.ndarray, list]:
+def _image_folder_split(source: _Source, split: str) -> tuple[list[str], list[int], list[str]]:
     layout = _image_folder(source)
     # Labels follow the training classes, so that test label i names the same class as train's.
     classes = sorted(layout["train"] if "train" in layout else layout[split])
@@ -606,6 +647,13 @@ def _read_image_folder(
             raise DataError(f"{source.where(files[0])}: class {folder!r} is not in the train split")
         names += files
         labels += [classes.index(folder)] * len(files)
+    return names, labels, classes
+
+
+def _read_image_folder(
+    source: _Source, split: str, image_size: int | None
+) -> tuple[np.ndarray, np.ndarray, list]:
+    names, labels, classes = _image_folder_split(source, split)
     return _decode_images(source, names, image_size), np.array(labels, np.int64), classes
 
 

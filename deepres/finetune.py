@@ -1,0 +1,79 @@
+"""Fine-tuning: a net started from another's weights, all but the fc, its fc trained alone or not.
+
+The weights come from a deepres run, a safetensors file or a torchvision-style state dict; a
+.pth is read only with torch.load(weights_only=True), which builds tensors and plain containers
+and refuses any other object, so no code in the file runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepres.checkpoint import WEIGHTS, load_tensors
+
+# The classifier: replaced for the new class count, never loaded.
+HEAD = "fc."
+_EXPECTED = "expected a deepres run directory, a .safetensors file or a .pth/.pt state dict"
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a deepres run directory, a .safetensors file or a .pth/.pt file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS} in it ({_EXPECTED})")
+        return load_tensors(path / WEIGHTS)[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or directory ({_EXPECTED})")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)[0]
+    if path.suffix not in (".pth", ".pt"):
+        raise ValueError(f"{path}: {_EXPECTED}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # Whatever the file holds that is not a plain state dict ends here, as one line.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a state dict torch.load reads safely ({first})") from None
+    if not (
+        isinstance(loaded, dict)
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in loaded.items())
+    ):
+        raise ValueError(f"{path}: not a state dict (a dict of parameter names to tensors)")
+    return loaded
+
+
+def load_backbone(model: nn.Module, path: str | Path) -> None:
+    """Load every tensor but the fc's from path into model, strictly; the fc keeps its init."""
+    weights = {k: v for k, v in read_weights(path).items() if not k.startswith(HEAD)}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD)}
+    for key, value in own.items():
+        if key not in weights:
+            raise ValueError(f"{path}: does not fit the net: it has no {key}")
+        if weights[key].shape != value.shape:
+            raise ValueError(
+                f"{path}: does not fit the net: {key} is {list(weights[key].shape)} there, "
+                f"{list(value.shape)} in the net"
+            )
+    extra = next((k for k in weights if k not in own), None)
+    if extra is not None:
+        raise ValueError(f"{path}: does not fit the net: the net has no {extra}")
+    model.load_state_dict(weights, strict=False)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Train the fc alone: no gradients elsewhere, and the rest always in eval mode."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(HEAD))
+    model.register_forward_pre_hook(_backbone_in_eval)
+
+
+def _backbone_in_eval(model: nn.Module, args: tuple) -> None:
+    # The loop puts the whole net in train mode, after each evaluation too: every forward puts
+    # the backbone back in eval mode, so BN normalises with the loaded statistics and keeps them.
+    for name, child in model.named_children():
+        if name != HEAD.rstrip("."):
+            child.eval()

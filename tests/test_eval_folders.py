@@ -1,0 +1,81 @@
+import json
+import shutil
+
+import pytest
+
+from deepres.checkpoint import load_tensors, save_tensors
+from deepres.cli import main
+from deepres.evaluate import evaluate_run
+from deepres.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def bare_run(tiny_folder, tmp_path_factory):
+    """A run trained on a bare <class>/ folder: training images only, no test split."""
+    run = tmp_path_factory.mktemp("bare") / "run"
+    config = TrainConfig(
+        model="resnet20",
+        data=str(tiny_folder / "train"),
+        out=str(run),
+        iters=6,
+        batch_size=16,
+        width=4,
+        device="cpu",
+        precision="fp32",
+    )
+    train(config, progress=False)
+    return run
+
+
+def test_a_bare_class_folder_is_evaluated_whole(bare_run, tiny_folder, capsys):
+    held_out = tiny_folder / "test"  # blue/, green/, red/: one split
+    result = evaluate_run(bare_run, str(held_out))
+    assert result["split"] == "all" and result["n"] == 18
+    assert len(result["per_class_error"]) == 3
+    assert main(["eval", str(bare_run), "--data", str(held_out)]) == 0
+    assert "(all, 18 images, single)" in capsys.readouterr().out
+    # The run's own training images are refused as a test set, as before without --data.
+    for args in (["--data", str(tiny_folder / "train")], []):
+        assert main(["eval", str(bare_run), *args]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_classes_are_matched_by_name(bare_run, tiny_folder, tmp_path):
+    # The same net with its classes in another order: fc's rows follow the names.
+    permuted = tmp_path / "permuted"
+    shutil.copytree(bare_run, permuted)
+    saved = json.loads((permuted / "config.json").read_text())
+    order = ["red", "blue", "green"]
+    rows = [saved["classes"].index(name) for name in order]
+    saved["classes"] = order
+    (permuted / "config.json").write_text(json.dumps(saved))
+    weights, _ = load_tensors(permuted / "model.safetensors")
+    weights["fc.weight"], weights["fc.bias"] = weights["fc.weight"][rows], weights["fc.bias"][rows]
+    save_tensors(permuted / "model.safetensors", weights)
+
+    held_out = str(tiny_folder / "test")
+    a, b = evaluate_run(bare_run, held_out), evaluate_run(permuted, held_out)
+    assert a["top1_error"] == b["top1_error"] and a["top5_error"] == b["top5_error"]
+    assert b["per_class_error"] == [a["per_class_error"][i] for i in rows]
+
+
+def test_other_classes_are_refused_in_one_line_naming_them(bare_run, tiny_folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder / "test", other)
+    (other / "red").rename(other / "purple")
+    assert main(["eval", str(bare_run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "not in the run: purple" in err[0] and "not in the data: red" in err[0]
+
+
+def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
+    assert main(["predict", str(bare_run), str(tiny_folder / "test"), "--top", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 18  # every image, in the class folders below
+    assert lines[0].startswith(str(tiny_folder / "test" / "blue" / "000.png") + ": ")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main(["predict", str(bare_run), str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{empty}: no images" in err[0]

@@ -1,0 +1,197 @@
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepres.checkpoint import WEIGHTS, load_tensors, save_tensors
+from deepres.cli import main
+from deepres.data.loader import Preprocess
+from deepres.evaluate import predict_logits
+from deepres.finetune import freeze_backbone, load_backbone, read_weights
+from deepres.models import create_model
+from deepres.train import TrainConfig, load_config, train
+
+
+def pretrained(seed: int = 1, **options) -> torch.nn.Module:
+    """A resnet20 of 10 classes whose every tensor, BN statistics too, differs from a new one's."""
+    torch.manual_seed(seed)
+    model = create_model("resnet20", width=4, num_classes=10, **options)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                # Small: a net of all-larger weights overflows, and the loop stops diverged runs.
+                tensor.add_(0.01 * torch.rand_like(tensor))
+            else:
+                tensor.add_(7)
+    return model
+
+
+def weights_files(tmp_path, model) -> dict[str, str]:
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tensors(run / WEIGHTS, model.state_dict())
+    save_tensors(tmp_path / "weights.safetensors", model.state_dict())
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    return {
+        "run": str(run),
+        "safetensors": str(tmp_path / "weights.safetensors"),
+        "pth": str(tmp_path / "weights.pth"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["run", "safetensors", "pth"])
+def test_init_loads_every_tensor_but_the_fc(tmp_path, kind):
+    source = pretrained()
+    path = weights_files(tmp_path, source)[kind]
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=4, num_classes=3)
+    fresh_fc = {k: v.clone() for k, v in model.fc.state_dict().items()}
+    load_backbone(model, path)
+    loaded, original = model.state_dict(), source.state_dict()
+    for key, value in loaded.items():
+        if key.startswith("fc."):
+            assert torch.equal(value, fresh_fc[key[3:]])
+        else:
+            assert torch.equal(value, original[key]), key
+    assert model.fc.weight.shape == (3, 16)
+    assert sum(1 for k in loaded if k.endswith("num_batches_tracked")) > 0
+
+
+def test_init_from_the_wrong_net_is_a_one_line_error(tmp_path):
+    model = create_model("resnet20", width=4, num_classes=3)
+    deeper = weights_files(tmp_path, create_model("resnet32", width=4))["pth"]
+    with pytest.raises(ValueError) as err:
+        load_backbone(model, deeper)
+    message = str(err.value)
+    assert "\n" not in message and deeper in message and "layer1.3.conv1.weight" in message
+    wider = tmp_path / "wider.safetensors"
+    save_tensors(wider, create_model("resnet20", width=8).state_dict())
+    with pytest.raises(ValueError, match=r"wider.safetensors: .*conv1.weight is \[8, 3, 3, 3\]"):
+        load_backbone(model, wider)
+    shallower = tmp_path / "shallower.safetensors"
+    save_tensors(shallower, {k: v for k, v in model.state_dict().items() if "layer3.2" not in k})
+    with pytest.raises(ValueError, match="has no layer3.2.conv1.weight"):
+        load_backbone(model, shallower)
+
+
+def test_a_pth_is_never_unpickled_beyond_tensors(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, evil)
+    with pytest.raises(ValueError) as err:
+        read_weights(evil)
+    assert "\n" not in str(err.value) and "evil.pth" in str(err.value)
+    assert not marker.exists()
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"epoch": 3, "state_dict": {}}, wrapped)
+    with pytest.raises(ValueError, match="wrapped.pt: not a state dict"):
+        read_weights(wrapped)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        read_weights(garbage)
+    with pytest.raises(ValueError, match="expected a deepres run directory"):
+        read_weights(garbage.rename(tmp_path / "weights.bin"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_weights(tmp_path)
+
+
+def test_freeze_backbone_leaves_every_other_parameter_and_bn_buffer_unchanged():
+    torch.manual_seed(0)
+    model = pretrained()
+    freeze_backbone(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable == [model.fc.weight, model.fc.bias]
+    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    preprocess = Preprocess(torch.full((3, 1, 1), 0.5), torch.ones(3, 1, 1))
+    images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
+    model.train()
+    for _ in range(3):
+        x, y = preprocess(images), torch.randint(0, 10, (8,))
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        # An evaluation switches the net to eval and back to train, as the loop's do.
+        predict_logits(model, images, preprocess)
+        assert model.training
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.startswith("fc."):
+            assert not torch.equal(after[key], value), key
+        else:
+            assert torch.equal(after[key], value), key
+
+
+def finetune_config(folder, out, **kw) -> TrainConfig:
+    base = dict(
+        model="resnet20",
+        data=str(folder),
+        out=str(out),
+        iters=4,
+        batch_size=16,
+        width=4,
+        checkpoint_every=2,
+        deterministic=True,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_init_freeze_backbone_and_resume(tiny_folder, tmp_path):
+    source = pretrained()
+    pth = weights_files(tmp_path, source)["pth"]
+    whole = finetune_config(tiny_folder, tmp_path / "whole", init=pth, freeze_backbone=True)
+    train(whole, progress=False)
+    weights = load_tensors(tmp_path / "whole" / WEIGHTS)[0]
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(weights[key], value), key
+    assert weights["fc.weight"].shape == (3, 16)  # tiny_folder has 3 classes, the source 10
+    # Stopped and resumed with the weights file gone: the checkpoint holds all it needs.
+    stopped = replace(whole, out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=2, progress=False)
+    os.remove(pth)
+    config = load_config(tmp_path / "stopped")
+    assert config.init == pth and config.freeze_backbone
+    train(config, resume=True, progress=False)
+    assert (tmp_path / "whole" / WEIGHTS).read_bytes() == (
+        tmp_path / "stopped" / WEIGHTS
+    ).read_bytes()
+
+
+def test_cli_train_init_from_a_run(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--iters", "2", "--batch-size", "16", "--quiet"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*base, "--out", str(first)]) == 0
+    assert main([*base, "--out", str(second), "--init", str(first)]) == 0
+    capsys.readouterr()
+    assert json.loads((second / "config.json").read_text())["config"]["init"] == str(first)
+    start = load_tensors(first / WEIGHTS)[0]
+    end = load_tensors(second / WEIGHTS)[0]
+    # Not frozen: the backbone trains on from the first run's weights.
+    assert not torch.equal(start["conv1.weight"], end["conv1.weight"])
+    assert torch.allclose(start["conv1.weight"], end["conv1.weight"], atol=0.1)
+
+
+def test_cli_train_init_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--iters", "2", "--quiet", "--out", str(tmp_path / "out")]
+    wrong = weights_files(tmp_path, create_model("resnet32", width=4))["safetensors"]
+    assert main([*base, "--init", wrong]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and wrong in err[0] and "layer1.3" in err[0]
+    assert main([*base, "--freeze-backbone"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0]
+    assert not (tmp_path / "out").exists()
