@@ -10,7 +10,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
+from deepres.bench import (
+    RESULTS,
+    DataBench,
+    TrainBench,
+    run_data_benchmark,
+    run_infer_benchmark,
+    run_train_benchmark,
+    save_result,
+)
 from deepres.data import DataError
 from deepres.distributed import world
 from deepres.evaluate import evaluate_run
@@ -174,6 +182,33 @@ def cmd_bench_infer(args: argparse.Namespace) -> None:
     _print_bench(args, r, lines)
 
 
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    config = DataBench(
+        data=args.data,
+        batches=args.batches,
+        windows=args.windows,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        augment=args.augment,
+        crop=args.crop_size,
+        model=args.model,
+        train_steps=args.train_steps,
+        device=args.device,
+    )
+    r = run_data_benchmark(config, args.command_line)
+    lines = [
+        f"photos at {r['crop']}x{r['crop']} ({r['augment']}), batch {r['batch_size']},"
+        f" {r['workers']} workers, on {r['device']}",
+        f"deepres streaming loader     {r['deepres_images_per_sec']:>8.1f} images/s",
+        f"  without JPEG draft mode    {r['deepres_no_draft_images_per_sec']:>8.1f} images/s",
+        f"reference PIL pipeline       {r['reference_images_per_sec']:>8.1f} images/s",
+        f"{r['train_model']} training steps    {r['train_images_per_sec']:>8.1f} images/s",
+        f"ratio {r['ratio']:.2f}x the reference; the loader"
+        f" {'keeps' if r['keeps_up'] else 'does not keep'} up with {r['train_model']}",
+    ]
+    _print_bench(args, r, lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
@@ -284,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed passes per batch size")
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_bench_infer)
+
+    p = bench.add_parser(
+        "data", parents=[save], help="streaming photo loader against a per-image PIL pipeline"
+    )
+    p.add_argument("--data", required=True, help="an image folder or .zip of photos")
+    p.add_argument("--batches", type=int, default=16, help="batches each loader delivers")
+    p.add_argument("--windows", type=int, default=4, help="timing windows; the first is warm-up")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
+    p.add_argument("--augment", choices=["scale", "rrc"], default="scale")
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--model", default="resnet18", help="the net whose training is timed")
+    p.add_argument("--train-steps", type=int, default=3, help="timed training steps of --model")
+    p.set_defaults(func=cmd_bench_data)
     return parser
 
 
