@@ -193,6 +193,7 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
         crop=args.crop_size,
         model=args.model,
         train_steps=args.train_steps,
+        train_batch_size=args.train_batch_size,
         device=args.device,
     )
     r = run_data_benchmark(config, args.command_line)
@@ -202,7 +203,8 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
         f"deepres streaming loader     {r['deepres_images_per_sec']:>8.1f} images/s",
         f"  without JPEG draft mode    {r['deepres_no_draft_images_per_sec']:>8.1f} images/s",
         f"reference PIL pipeline       {r['reference_images_per_sec']:>8.1f} images/s",
-        f"{r['train_model']} training steps    {r['train_images_per_sec']:>8.1f} images/s",
+        f"{r['train_model']} training steps    {r['train_images_per_sec']:>8.1f} images/s"
+        f" (batch {r['train_batch_size']})",
         f"ratio {r['ratio']:.2f}x the reference; the loader"
         f" {'keeps' if r['keeps_up'] else 'does not keep'} up with {r['train_model']}",
     ]
@@ -331,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["scale", "rrc"], default="scale")
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--model", default="resnet18", help="the net whose training is timed")
-    p.add_argument("--train-steps", type=int, default=3, help="timed training steps of --model")
+    p.add_argument("--train-steps", type=int, default=2, help="timed training steps of --model")
+    p.add_argument("--train-batch-size", type=int, default=8, help="batch of those steps")
     p.set_defaults(func=cmd_bench_data)
     return parser
 

@@ -126,10 +126,12 @@ def test_bench_train_refuses_nets_the_reference_lacks(tiny_folder, capsys):
 def test_bench_data_cli_times_both_loaders_and_a_training_step(photo_folder, tmp_path, capsys):
     argv = ["bench", "data", "--data", str(photo_folder), "--batches", "4", "--windows", "2"]
     argv += ["--batch-size", "4", "--workers", "1", "--crop-size", "32", "--train-steps", "1"]
+    argv += ["--train-batch-size", "2"]
     argv += ["--json", "--save", "--results-dir", str(tmp_path)]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["scale"] == [37, 69] and result["n_images"] == 24  # 256..480 scaled to 32
+    assert result["train_batch_size"] == 2
     for key in ("deepres", "deepres_no_draft", "reference", "train"):
         assert result[f"{key}_images_per_sec"] > 0
     assert result["ratio"] == pytest.approx(
