@@ -22,6 +22,8 @@ from deepres.data.stream import (
     fit_statistics,
     open_image_files,
     open_photos,
+    statistics_from,
+    statistics_tensors,
     stream_kind,
     stream_splits,
 )
@@ -203,6 +205,17 @@ def test_statistics_come_from_centre_views_of_a_sample(photo_folder):
     assert preprocess.mean.shape == (3, 1, 1)
     smaller, _ = fit_statistics(files, AUGMENT, sample=5)
     assert not torch.equal(smaller.mean, preprocess.mean)
+
+
+def test_statistics_are_saved_and_read_back(photo_folder):
+    preprocess, lighting = fit_statistics(open_image_files(str(photo_folder)), AUGMENT, 0.2, 8)
+    tensors = statistics_tensors(preprocess, lighting)
+    again, light = statistics_from(tensors, 0.2, "run/preprocess.safetensors")
+    assert torch.equal(again.mean, preprocess.mean) and torch.equal(again.std, preprocess.std)
+    assert torch.equal(light.eigvec, lighting.eigvec) and light.std == 0.2
+    del tensors["lighting_eigvec"]
+    with pytest.raises(ValueError, match="run/preprocess.safetensors: missing tensor"):
+        statistics_from(tensors, 0.2, "run/preprocess.safetensors")
 
 
 def test_the_held_out_split_is_val_or_val_split(photo_folder):

@@ -404,6 +404,28 @@ def open_photos(
     return PhotoData(files, split, images, torch.tensor(held.labels, dtype=torch.int64))
 
 
+def statistics_tensors(preprocess: Preprocess, lighting: Lighting) -> dict[str, torch.Tensor]:
+    """What a run saves of its photo statistics (preprocess.safetensors): mean, std, PCA."""
+    return {
+        "mean": preprocess.mean,
+        "std": preprocess.std,
+        "lighting_eigval": lighting.eigval,
+        "lighting_eigvec": lighting.eigvec,
+    }
+
+
+def statistics_from(
+    tensors: dict[str, torch.Tensor], lighting_std: float, where: str
+) -> tuple[Preprocess, Lighting]:
+    """The Preprocess and Lighting of statistics_tensors(), read back from a run's file."""
+    try:
+        preprocess = Preprocess(tensors["mean"], tensors["std"])
+        lighting = Lighting(tensors["lighting_eigval"], tensors["lighting_eigvec"], lighting_std)
+    except KeyError as error:
+        raise ValueError(f"{where}: missing tensor {error}") from None
+    return preprocess, lighting
+
+
 # ---- training batches
 
 
