@@ -78,11 +78,24 @@ def cmd_train(args: argparse.Namespace) -> None:
             normalize=args.normalize,
             image_size=args.image_size,
             compile=args.compile,
+            augment=args.augment,
+            crop_size=args.crop_size,
+            scale=args.scale,
+            lighting=args.lighting,
+            workers=args.workers,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
     if world()[0] == 0:
         print(json.dumps(summary, indent=2))
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        low, high = (int(side) for side in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in pixels, got {text!r}") from None
+    return [low, high]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -252,6 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["pixel", "channel"])
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    photos = p.add_argument_group(
+        "photos", "an ImageNet net (resnet18 ...) on an image folder or tar shards streams them"
+    )
+    photos.add_argument(
+        "--augment",
+        choices=["scale", "rrc"],
+        default="scale",
+        help="scale: the paper's shorter side in [256, 480] and a random crop; rrc: "
+        "RandomResizedCrop",
+    )
+    photos.add_argument("--crop-size", type=int, default=224, help="training crop (default 224)")
+    photos.add_argument(
+        "--scale",
+        type=_sizes,
+        metavar="LOW,HIGH",
+        help="shorter-side range (default 256,480 scaled with --crop-size)",
+    )
+    photos.add_argument(
+        "--lighting", type=float, default=0.1, help="PCA lighting std (AlexNet's 0.1; 0: off)"
+    )
+    photos.add_argument("--workers", type=int, help="DataLoader workers (default: CPU cores, <= 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -28,13 +28,24 @@ from deepres.checkpoint import (
     WEIGHTS,
     load_checkpoint,
     load_preprocess,
+    load_tensors,
     read_json,
     save_checkpoint,
     save_tensors,
     write_json,
 )
 from deepres.data import available_splits, open_dataset
+from deepres.data.augment import Augment
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
+from deepres.data.stream import (
+    PhotoStream,
+    default_workers,
+    fit_statistics,
+    open_photos,
+    statistics_from,
+    statistics_tensors,
+    stream_kind,
+)
 from deepres.evaluate import error_rates, predict_logits
 from deepres.models import create_model, model_family
 from deepres.provenance import git_commit
@@ -70,6 +81,12 @@ class TrainConfig:
     width: int | None = None
     normalize: str | None = None
     image_size: int | None = None
+    # The streaming path for photos (Sec. 3.4): views, lighting noise, DataLoader workers.
+    augment: str = "scale"
+    crop_size: int = 224
+    scale: list[int] | None = None
+    lighting: float = 0.1
+    workers: int | None = None
 
 
 def _device(name: str) -> torch.device:
@@ -136,42 +153,67 @@ def _train(
     if config.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {config.precision!r}")
 
-    # Data: decoded once, held out with a fixed seed, then moved whole to the device.
-    dataset = open_dataset(config.data, "train", image_size=config.image_size)
-    train_idx, val_idx = split_train_val(len(dataset.labels), config.val_split)
-    train_images = dataset.images[train_idx]
-    if config.val_split:
+    # Data, by one of two paths chosen here: an ImageNet net on photos (an image folder or tar
+    # shards, no --image-size) streams them through DataLoader workers; anything else is
+    # decoded once, held out with a fixed seed, then moved whole to the device.
+    streaming = (
+        config.image_size is None
+        and model_family(config.model) == "imagenet"
+        and stream_kind(config.data) is not None
+    )
+    if streaming:
+        sizes = {"sizes": tuple(config.scale)} if config.scale else {}
+        augment = Augment.scaled(config.augment, config.crop_size, **sizes)
+        workers = default_workers() if config.workers is None else config.workers
+        photos = open_photos(config.data, config.val_split, augment, workers, decode_eval=main)
         eval_split, eval_images, eval_labels = (
-            "val",
-            dataset.images[val_idx],
-            dataset.labels[val_idx],
+            photos.eval_split,
+            photos.eval_images,
+            photos.eval_labels,
         )
-    elif "test" in available_splits(config.data):
-        test = open_dataset(config.data, "test", image_size=config.image_size)
-        eval_split, eval_images, eval_labels = "test", test.images, test.labels
+        classes, n_train, source = photos.train.classes, len(photos.train), photos.train.source
+        input_size = [3, augment.crop, augment.crop]
     else:
-        eval_split, eval_images, eval_labels = None, None, None
+        dataset = open_dataset(config.data, "train", image_size=config.image_size)
+        train_idx, val_idx = split_train_val(len(dataset.labels), config.val_split)
+        train_images = dataset.images[train_idx]
+        if config.val_split:
+            eval_split, eval_images, eval_labels = (
+                "val",
+                dataset.images[val_idx],
+                dataset.labels[val_idx],
+            )
+        elif "test" in available_splits(config.data):
+            test = open_dataset(config.data, "test", image_size=config.image_size)
+            eval_split, eval_images, eval_labels = "test", test.images, test.labels
+        else:
+            eval_split, eval_images, eval_labels = None, None, None
+        classes, n_train, source = dataset.classes, len(train_idx), dataset.source
+        input_size = list(dataset.images.shape[1:])
 
     # Recipe: the paper's, scaled to the budget asked for.
-    recipe = get_recipe(config.recipe or default_recipe(config.model))
+    recipe = get_recipe(config.recipe or default_recipe(config.model, photos=streaming))
     if config.batch_size:
         recipe = replace(recipe, batch_size=config.batch_size)
     if config.lr:
         recipe = replace(recipe, lr=config.lr)
-    steps_per_epoch = len(train_idx) // recipe.batch_size
+    steps_per_epoch = n_train // recipe.batch_size
     if config.epochs is not None:
         recipe = recipe.scaled(max(1, round(config.epochs * steps_per_epoch)))
     elif config.iters is not None:
         recipe = recipe.scaled(config.iters)
     normalize = config.normalize or recipe.normalize
+    if streaming and normalize != "channel":
+        raise ValueError(
+            f"--normalize {normalize}: photos of many sizes have no mean image; use channel"
+        )
     log_every = max(1, min(config.log_every, recipe.iters))
     # Evaluation happens at log records: about 40 points per curve unless asked otherwise.
     eval_every = config.eval_every or recipe.iters // 40
     eval_every = max(1, -(-eval_every // log_every)) * log_every
 
     torch.manual_seed(config.seed)
-    in_channels = dataset.images.shape[1]
-    model_options = _model_options(config, len(dataset.classes), in_channels)
+    model_options = _model_options(config, len(classes), input_size[0])
     model = create_model(config.model, **model_options).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -180,19 +222,40 @@ def _train(
     )
 
     # Built before anything is written: a batch that cannot be drawn leaves no half-made run.
-    preprocess = (
-        Preprocess(*load_preprocess(run)) if resume else Preprocess.fit(train_images, normalize)
-    ).to(device)
-    stream = BatchStream(
-        train_images.to(device),
-        dataset.labels[train_idx].to(device),
-        preprocess,
-        recipe.batch_size,
-        config.seed,
-        recipe.augment,
-        config.channels_last,
-        shard=(rank, world_size),
-    )
+    if streaming:
+        preprocess, lighting = (
+            statistics_from(load_tensors(run / PREPROCESS)[0], config.lighting, run / PREPROCESS)
+            if resume
+            else fit_statistics(photos.train, augment, config.lighting, workers=workers)
+        )
+        saved_statistics = statistics_tensors(preprocess, lighting)
+        stream = PhotoStream(
+            photos.train,
+            preprocess,
+            recipe.batch_size,
+            config.seed,
+            augment,
+            lighting if config.lighting else None,
+            device,
+            workers,
+            config.channels_last,
+            shard=(rank, world_size),
+        )
+    else:
+        preprocess = (
+            Preprocess(*load_preprocess(run)) if resume else Preprocess.fit(train_images, normalize)
+        ).to(device)
+        saved_statistics = {"mean": preprocess.mean, "std": preprocess.std}
+        stream = BatchStream(
+            train_images.to(device),
+            dataset.labels[train_idx].to(device),
+            preprocess,
+            recipe.batch_size,
+            config.seed,
+            recipe.augment,
+            config.channels_last,
+            shard=(rank, world_size),
+        )
 
     run.mkdir(parents=True, exist_ok=True)
     state = {
@@ -211,20 +274,21 @@ def _train(
             "model": config.model,
             "model_options": model_options,
             "family": model_family(config.model),
-            "classes": dataset.classes,
-            "input_size": list(dataset.images.shape[1:]),
+            "classes": classes,
+            "input_size": input_size,
             "normalize": normalize,
             "recipe": recipe.to_dict(),
             "steps_per_epoch": steps_per_epoch,
-            "n_train": len(train_idx),
+            "n_train": n_train,
             "eval_split": eval_split,
-            "data_source": dataset.source,
+            "data_source": source,
+            "augment": asdict(augment) if streaming else None,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "git_commit": git_commit(),
         }
         write_json(run / CONFIG, saved)
-        save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
+        save_tensors(run / PREPROCESS, saved_statistics)
         (run / METRICS).write_text("")
     # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
