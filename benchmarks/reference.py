@@ -9,6 +9,7 @@ projection shortcuts and the stride on the first 1x1 for ResNet-50, Table 1).
 
     python benchmarks/reference.py train --data PATH --iters N --json
     python benchmarks/reference.py infer --model resnet50 --batch-sizes 32,1 --json
+    python benchmarks/reference.py data --data PATH --batches N --json
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -35,6 +37,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 # Per-channel statistics of the CIFAR-10 training set, hard-coded as tutorials do.
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+# And ImageNet's, for photos.
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 # ---- the nets
@@ -201,6 +206,113 @@ class ImageFolder(Dataset):
         return (x - MEAN) / STD, label
 
 
+def random_resized_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's RandomResizedCrop: 8-100% of the area, ratio 3/4-4/3, crop then resize."""
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * torch.empty(()).uniform_(0.08, 1.0).item()
+        ratio = math.exp(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left = torch.randint(0, width - w + 1, ()).item()
+            top = torch.randint(0, height - h + 1, ()).item()
+            break
+    else:
+        # The central box at the nearest allowed ratio.
+        w, h = width, height
+        if width / height < 3 / 4:
+            h = round(width / (3 / 4))
+        elif width / height > 4 / 3:
+            w = round(height * 4 / 3)
+        left, top = (width - w) // 2, (height - h) // 2
+    image = image.crop((left, top, left + w, top + h))
+    return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def scale_crop(image: Image.Image, size: int, low: int, high: int) -> Image.Image:
+    """Resize the shorter side to a random length in [low, high], then a random size x size crop."""
+    side = torch.randint(low, high + 1, ()).item()
+    width, height = image.size
+    scale = side / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(resized, Image.Resampling.BILINEAR)
+    left = torch.randint(0, resized[0] - size + 1, ()).item()
+    top = torch.randint(0, resized[1] - size + 1, ()).item()
+    return image.crop((left, top, left + size, top + size))
+
+
+class PhotoFolder(ImageFolder):
+    """Photos of any size: decoded whole, cropped and resized, mirrored, made a tensor."""
+
+    def __init__(self, root: Path, augment: str, size: int, sizes: tuple[int, int]) -> None:
+        super().__init__(root, augment=True)
+        self.kind, self.size, self.sizes = augment, size, sizes
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as file:
+            image = file.convert("RGB")
+        if self.kind == "rrc":
+            image = random_resized_crop(image, self.size)
+        else:
+            image = scale_crop(image, self.size, *self.sizes)
+        if torch.rand(()) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+        return (x - IMAGENET_MEAN) / IMAGENET_STD, label
+
+
+def load_reference(
+    data: str,
+    batches: int = 16,
+    windows: int = 4,
+    batch_size: int = 32,
+    workers: int = 2,
+    augment: str = "scale",
+    size: int = 224,
+    sizes: tuple[int, int] = (256, 480),
+) -> dict:
+    """Training batches of photos the plain way, nothing else: images/s of each window."""
+    if windows < 1 or batches < windows:
+        raise ValueError(
+            f"need at least one batch per window: batches {batches}, windows {windows}"
+        )
+    window = batches // windows
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        start = time.perf_counter()
+        root = Path(data)
+        if zipfile.is_zipfile(root):
+            with zipfile.ZipFile(root) as archive:
+                archive.extractall(tmp)
+            root = Path(tmp)
+        root = find_train_folder(root)
+        setup_seconds = time.perf_counter() - start
+        photos = PhotoFolder(root, augment, size, sizes)
+        loader = DataLoader(
+            photos,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
+        stream = (batch for _ in itertools.count() for batch in loader)
+        rates = []
+        t_window = time.perf_counter()
+        for i, _ in zip(range(1, batches + 1), stream, strict=False):
+            if i % window == 0:
+                now = time.perf_counter()
+                rates.append(window * batch_size / (now - t_window))
+                t_window = now
+        del stream, loader
+    return {
+        "images_per_sec": _steady(rates),
+        "windows": rates,
+        "n_images": len(photos),
+        "setup_seconds": setup_seconds,
+    }
+
+
 # ---- training
 
 
@@ -343,7 +455,7 @@ def infer_reference(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python benchmarks/reference.py train|infer ...: run the reference alone."""
+    """python benchmarks/reference.py train|infer|data ...: run the reference alone."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train")
@@ -366,6 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("data")
+    p.add_argument("--data", required=True, help="an image folder or .zip of train/<class>/*")
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--augment", choices=["scale", "rrc"], default="scale")
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--scale", default="256,480", metavar="LOW,HIGH")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -383,6 +505,19 @@ def main(argv: list[str] | None = None) -> int:
             split.get("n_images"),
         )
         summary = f"reference {args.model}: {result['images_per_sec']:.1f} images/s training"
+    elif args.command == "data":
+        low, high = (int(side) for side in args.scale.split(","))
+        result = load_reference(
+            args.data,
+            args.batches,
+            args.windows,
+            args.batch_size,
+            args.workers,
+            args.augment,
+            args.crop_size,
+            (low, high),
+        )
+        summary = f"reference photo loading: {result['images_per_sec']:.1f} images/s"
     else:
         result = {}
         for size in (int(s) for s in args.batch_sizes.split(",")):

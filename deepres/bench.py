@@ -25,7 +25,9 @@ import torch
 
 from deepres.checkpoint import read_json, write_json
 from deepres.data import open_dataset
-from deepres.data.loader import split_train_val
+from deepres.data.augment import Augment, Lighting
+from deepres.data.loader import Preprocess, split_train_val
+from deepres.data.stream import PhotoStream, open_image_files
 from deepres.inference import fold_batchnorm
 from deepres.models import create_model, model_family
 from deepres.provenance import machine
@@ -234,6 +236,158 @@ def run_infer_benchmark(
         "batch_sizes": per_batch,
         **context,
     }
+
+
+@dataclass
+class DataBench:
+    """The streaming loader against the reference's per-image PIL pipeline, same workers."""
+
+    data: str
+    batches: int = 16
+    windows: int = 4
+    batch_size: int = 32
+    workers: int = 2
+    augment: str = "scale"
+    crop: int = 224
+    model: str = "resnet18"
+    # A ResNet-18 step of 32 images at 224 takes seconds on a CPU: time fewer, smaller ones.
+    train_steps: int = 2
+    train_batch_size: int = 8
+    device: str = "cpu"
+
+
+def bench_stream(files, augment: Augment, config: DataBench) -> list[float]:
+    """deepres's side: images/s of each window of PhotoStream batches, normalised, with lighting."""
+    # Statistics of roughly ImageNet's size: their values do not change the work.
+    preprocess = Preprocess(torch.full((3, 1, 1), 0.45), torch.full((3, 1, 1), 0.25))
+    lighting = Lighting(torch.tensor([0.2, 0.02, 0.005]), torch.eye(3))
+    device = torch.device(config.device)
+    stream = PhotoStream(
+        files,
+        preprocess,
+        config.batch_size,
+        0,
+        augment,
+        lighting,
+        device,
+        config.workers,
+        channels_last=True,
+    )
+    window = config.batches // config.windows
+    rates = []
+    t_window = time.perf_counter()
+    for i in range(1, config.batches + 1):
+        stream.batch(i - 1)
+        if i % window == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            rates.append(window * config.batch_size / (now - t_window))
+            t_window = now
+    stream.close()
+    return rates
+
+
+def bench_train_steps(
+    model: str, num_classes: int, batch_size: int, crop: int, steps: int, device: str
+) -> list[float]:
+    """images/s of each of `steps` SGD steps of a net at crop x crop, after one warm-up step."""
+    device = torch.device(device)
+    net = create_model(model, num_classes=num_classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch_size, 3, crop, crop, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    rates = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            rates.append(batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def run_data_benchmark(config: DataBench, command: str = "") -> dict:
+    """Photos/s of deepres's streaming loader (draft on, off) and the reference's; a net's steps."""
+    if config.windows < 2 or config.batches < config.windows:
+        raise ValueError(
+            f"need --windows >= 2 (the first is warm-up) and --batches >= --windows, got "
+            f"--batches {config.batches} --windows {config.windows}"
+        )
+    if model_family(config.model) != "imagenet":
+        raise ValueError(
+            f"bench data times an ImageNet net's training (resnet18 ...), not {config.model}"
+        )
+    _check_device(config.device)
+    context = environment(config.device, command)
+    files = open_image_files(config.data, "train")
+    if Path(config.data).is_file():
+        # Into the page cache first, so that neither side pays for the first read from disk.
+        with open(config.data, "rb") as archive:
+            while archive.read(1 << 24):
+                pass
+    augments = {
+        draft: Augment.scaled(config.augment, config.crop, draft=draft) for draft in (True, False)
+    }
+    print(
+        f"deepres bench: deepres streams {config.batches} batches, draft mode on, then off",
+        file=sys.stderr,
+    )
+    ours = {draft: bench_stream(files, augment, config) for draft, augment in augments.items()}
+    low, high = augments[True].sizes
+    print("deepres bench: the reference loads the same", file=sys.stderr)
+    theirs = _reference(
+        ["data", "--data", config.data, "--batches", str(config.batches)]
+        + ["--windows", str(config.windows), "--batch-size", str(config.batch_size)]
+        + ["--workers", str(config.workers), "--augment", config.augment]
+        + ["--crop-size", str(config.crop), "--scale", f"{low},{high}"]
+    )
+    print(f"deepres bench: {config.train_steps} training steps of {config.model}", file=sys.stderr)
+    steps = bench_train_steps(
+        config.model,
+        len(files.classes),
+        config.train_batch_size,
+        config.crop,
+        config.train_steps,
+        config.device,
+    )
+    loader = _steady(ours[True])
+    training = statistics.median(steps)
+    result = {
+        "benchmark": "data",
+        "data": config.data,
+        "n_images": len(files),
+        "augment": config.augment,
+        "crop": config.crop,
+        "scale": [low, high],
+        "batch_size": config.batch_size,
+        "batches": config.batches,
+        "window_batches": config.batches // config.windows,
+        "workers": config.workers,
+        "device": config.device,
+        "deepres_images_per_sec": loader,
+        "deepres_no_draft_images_per_sec": _steady(ours[False]),
+        "draft_speedup": loader / _steady(ours[False]),
+        "reference_images_per_sec": theirs["images_per_sec"],
+        "ratio": loader / theirs["images_per_sec"],
+        "train_model": config.model,
+        "train_batch_size": config.train_batch_size,
+        "train_images_per_sec": training,
+        # Whether the loader alone delivers images as fast as the net alone consumes them.
+        "keeps_up": loader >= training,
+        "windows": {
+            "deepres": ours[True],
+            "deepres_no_draft": ours[False],
+            "reference": theirs["windows"],
+            "train_steps": steps,
+        },
+    }
+    return {**result, **context}
 
 
 def environment(device: str, command: str) -> dict:

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from deepres.bench import RESULTS, TrainBench, run_infer_benchmark, run_train_benchmark, save_result
+from deepres.bench import (
+    RESULTS,
+    DataBench,
+    TrainBench,
+    run_data_benchmark,
+    run_infer_benchmark,
+    run_train_benchmark,
+    save_result,
+)
 from deepres.data import DataError, image_files
 from deepres.distributed import world
 from deepres.evaluate import PROTOCOLS, evaluate_run
@@ -78,11 +86,24 @@ def cmd_train(args: argparse.Namespace) -> None:
             compile=args.compile,
             init=args.init,
             freeze_backbone=args.freeze_backbone,
+            augment=args.augment,
+            crop_size=args.crop_size,
+            scale=args.scale,
+            lighting=args.lighting,
+            workers=args.workers,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
     if world()[0] == 0:
         print(json.dumps(summary, indent=2))
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        low, high = (int(side) for side in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in pixels, got {text!r}") from None
+    return [low, high]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -213,6 +234,35 @@ def cmd_bench_infer(args: argparse.Namespace) -> None:
     _print_bench(args, r, lines)
 
 
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    config = DataBench(
+        data=args.data,
+        batches=args.batches,
+        windows=args.windows,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        augment=args.augment,
+        crop=args.crop_size,
+        model=args.model,
+        train_steps=args.train_steps,
+        train_batch_size=args.train_batch_size,
+        device=args.device,
+    )
+    r = run_data_benchmark(config, args.command_line)
+    lines = [
+        f"photos at {r['crop']}x{r['crop']} ({r['augment']}), batch {r['batch_size']},"
+        f" {r['workers']} workers, on {r['device']}",
+        f"deepres streaming loader     {r['deepres_images_per_sec']:>8.1f} images/s",
+        f"  without JPEG draft mode    {r['deepres_no_draft_images_per_sec']:>8.1f} images/s",
+        f"reference PIL pipeline       {r['reference_images_per_sec']:>8.1f} images/s",
+        f"{r['train_model']} training steps    {r['train_images_per_sec']:>8.1f} images/s"
+        f" (batch {r['train_batch_size']})",
+        f"ratio {r['ratio']:.2f}x the reference; the loader"
+        f" {'keeps' if r['keeps_up'] else 'does not keep'} up with {r['train_model']}",
+    ]
+    _print_bench(args, r, lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
@@ -265,6 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from a run, .safetensors or .pth state dict: every weight but the fc",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --init: train the fc alone")
+    photos = p.add_argument_group(
+        "photos", "an ImageNet net (resnet18 ...) on an image folder or tar shards streams them"
+    )
+    photos.add_argument(
+        "--augment",
+        choices=["scale", "rrc"],
+        default="scale",
+        help="scale: the paper's shorter side in [256, 480] and a random crop; rrc: "
+        "RandomResizedCrop",
+    )
+    photos.add_argument("--crop-size", type=int, default=224, help="training crop (default 224)")
+    photos.add_argument(
+        "--scale",
+        type=_sizes,
+        metavar="LOW,HIGH",
+        help="shorter-side range (default 256,480 scaled with --crop-size)",
+    )
+    photos.add_argument(
+        "--lighting", type=float, default=0.1, help="PCA lighting std (AlexNet's 0.1; 0: off)"
+    )
+    photos.add_argument("--workers", type=int, help="DataLoader workers (default: CPU cores, <= 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -362,6 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed passes per batch size")
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_bench_infer)
+
+    p = bench.add_parser(
+        "data", parents=[save], help="streaming photo loader against a per-image PIL pipeline"
+    )
+    p.add_argument("--data", required=True, help="an image folder or .zip of photos")
+    p.add_argument("--batches", type=int, default=16, help="batches each loader delivers")
+    p.add_argument("--windows", type=int, default=4, help="timing windows; the first is warm-up")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
+    p.add_argument("--augment", choices=["scale", "rrc"], default="scale")
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--model", default="resnet18", help="the net whose training is timed")
+    p.add_argument("--train-steps", type=int, default=2, help="timed training steps of --model")
+    p.add_argument("--train-batch-size", type=int, default=8, help="batch of those steps")
+    p.set_defaults(func=cmd_bench_data)
     return parser
 
 

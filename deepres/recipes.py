@@ -42,15 +42,31 @@ class Recipe:
         return asdict(self)
 
 
+# Full batches of 256 in an epoch of ImageNet's 1,281,167 training images.
+IMAGENET_STEPS_PER_EPOCH = 1_281_167 // 256
+
 RECIPES = {
     # Sec. 4.2: batch 128, lr 0.1, /10 at 32k and 48k, stop at 64k, wd 1e-4, momentum 0.9.
     "cifar": Recipe("cifar"),
     "cifar-warmup": Recipe("cifar-warmup", warmup_lr=0.01),
+    # Sec. 3.4: batch 256, lr 0.1 divided by 10 "when the error plateaus", here at epochs 30
+    # and 60 of 90 as it is commonly rendered (450k iterations; the paper trains up to 600k),
+    # wd 1e-4, momentum 0.9. Photos of many sizes have no mean image: per-channel statistics.
+    "imagenet": Recipe(
+        "imagenet",
+        batch_size=256,
+        iters=90 * IMAGENET_STEPS_PER_EPOCH,
+        milestones=(30 * IMAGENET_STEPS_PER_EPOCH, 60 * IMAGENET_STEPS_PER_EPOCH),
+        normalize="channel",
+    ),
 }
 
 
-def default_recipe(model: str) -> str:
-    """The paper's recipe for a net: nets of 110 layers and more warm up (Sec. 4.2)."""
+def default_recipe(model: str, photos: bool = False) -> str:
+    """The paper's recipe for a net: ImageNet's on full-size photos, else CIFAR's (Sec. 4.2)."""
+    if photos:
+        return "imagenet"
+    # Nets of 110 layers and more warm up (Sec. 4.2).
     depth = int("".join(c for c in model if c.isdigit()) or 0)
     return "cifar-warmup" if depth >= 110 else "cifar"
 

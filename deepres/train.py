@@ -36,6 +36,7 @@ from deepres.checkpoint import (
     append_text,
     load_checkpoint,
     load_preprocess,
+    load_tensors,
     read_json,
     save_checkpoint,
     save_tensors,
@@ -43,7 +44,17 @@ from deepres.checkpoint import (
     write_text,
 )
 from deepres.data import ImageDataset, available_splits, open_dataset
+from deepres.data.augment import Augment
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
+from deepres.data.stream import (
+    PhotoStream,
+    default_workers,
+    fit_statistics,
+    open_photos,
+    statistics_from,
+    statistics_tensors,
+    stream_kind,
+)
 from deepres.evaluate import error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
 from deepres.models import create_model, model_family
@@ -87,6 +98,12 @@ class TrainConfig:
     image_size: int | None = None
     init: str | None = None
     freeze_backbone: bool = False
+    # The streaming path for photos (Sec. 3.4): views, lighting noise, DataLoader workers.
+    augment: str = "scale"
+    crop_size: int = 224
+    scale: list[int] | None = None
+    lighting: float = 0.1
+    workers: int | None = None
 
 
 def _device(name: str) -> torch.device:
@@ -279,18 +296,44 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     precision = resolve_precision(config.precision, device)
     config = replace(config, precision=precision)
 
-    dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
-    train_images = dataset.images[train_idx]
-    recipe, steps_per_epoch = _recipe(config, len(train_idx))
+    # Data, by one of two paths chosen here: an ImageNet net on photos (an image folder or tar
+    # shards, no --image-size) streams them through DataLoader workers; anything else is
+    # decoded once and moved whole to the device.
+    streaming = (
+        config.image_size is None
+        and model_family(config.model) == "imagenet"
+        and stream_kind(config.data) is not None
+    )
+    augment = None
+    if streaming:
+        sizes = {"sizes": tuple(config.scale)} if config.scale else {}
+        augment = Augment.scaled(config.augment, config.crop_size, **sizes)
+        workers = default_workers() if config.workers is None else config.workers
+        photos = open_photos(config.data, config.val_split, augment, workers, decode_eval=main)
+        eval_split, eval_images, eval_labels = (
+            photos.eval_split,
+            photos.eval_images,
+            photos.eval_labels,
+        )
+        classes, n_train, source = photos.train.classes, len(photos.train), photos.train.source
+        input_size = [3, augment.crop, augment.crop]
+    else:
+        dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
+        classes, n_train, source = dataset.classes, len(train_idx), dataset.source
+        input_size = list(dataset.images.shape[1:])
+    recipe, steps_per_epoch = _recipe(config, n_train, streaming)
     normalize = config.normalize or recipe.normalize
+    if streaming and normalize != "channel":
+        raise ValueError(
+            f"--normalize {normalize}: photos of many sizes have no mean image; use channel"
+        )
     log_every = max(1, min(config.log_every, recipe.iters))
     # Evaluation happens at log records: about 40 points per curve unless asked otherwise.
     eval_every = config.eval_every or recipe.iters // 40
     eval_every = max(1, -(-eval_every // log_every)) * log_every
 
     torch.manual_seed(config.seed)
-    in_channels = dataset.images.shape[1]
-    model_options = _model_options(config, len(dataset.classes), in_channels)
+    model_options = _model_options(config, len(classes), input_size[0])
     model = create_model(config.model, **model_options)
     if config.freeze_backbone and not config.init:
         raise ValueError("--freeze-backbone trains the fc alone: it needs --init WEIGHTS")
@@ -310,19 +353,41 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     )
 
     # Built before anything is written: a batch that cannot be drawn leaves no half-made run.
-    preprocess = (
-        Preprocess(*load_preprocess(run)) if resume else Preprocess.fit(train_images, normalize)
-    ).to(device)
-    stream = BatchStream(
-        train_images.to(device),
-        dataset.labels[train_idx].to(device),
-        preprocess,
-        recipe.batch_size,
-        config.seed,
-        recipe.augment,
-        config.channels_last,
-        shard=(rank, world_size),
-    )
+    if streaming:
+        preprocess, lighting = (
+            statistics_from(load_tensors(run / PREPROCESS)[0], config.lighting, run / PREPROCESS)
+            if resume
+            else fit_statistics(photos.train, augment, config.lighting, workers=workers)
+        )
+        saved_statistics = statistics_tensors(preprocess, lighting)
+        stream = PhotoStream(
+            photos.train,
+            preprocess,
+            recipe.batch_size,
+            config.seed,
+            augment,
+            lighting if config.lighting else None,
+            device,
+            workers,
+            config.channels_last,
+            shard=(rank, world_size),
+        )
+    else:
+        train_images = dataset.images[train_idx]
+        preprocess = (
+            Preprocess(*load_preprocess(run)) if resume else Preprocess.fit(train_images, normalize)
+        ).to(device)
+        saved_statistics = {"mean": preprocess.mean, "std": preprocess.std}
+        stream = BatchStream(
+            train_images.to(device),
+            dataset.labels[train_idx].to(device),
+            preprocess,
+            recipe.batch_size,
+            config.seed,
+            recipe.augment,
+            config.channels_last,
+            shard=(rank, world_size),
+        )
 
     run.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -343,20 +408,21 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
                 "model": config.model,
                 "model_options": model_options,
                 "family": model_family(config.model),
-                "classes": dataset.classes,
-                "input_size": list(dataset.images.shape[1:]),
+                "classes": classes,
+                "input_size": input_size,
                 "normalize": normalize,
                 "recipe": recipe.to_dict(),
                 "steps_per_epoch": steps_per_epoch,
-                "n_train": len(train_idx),
+                "n_train": n_train,
                 "eval_split": eval_split,
-                "data_source": dataset.source,
+                "data_source": source,
+                "augment": asdict(augment) if streaming else None,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "git_commit": git_commit(),
             }
             write_json(run / CONFIG, saved)
-            save_tensors(run / PREPROCESS, {"mean": preprocess.mean, "std": preprocess.std})
+            save_tensors(run / PREPROCESS, saved_statistics)
             write_text(run / METRICS, "")
     # DDP averages the gradients over the ranks (the paper's CIFAR batch of 128 was split over
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
@@ -415,9 +481,9 @@ def _open_data(config: TrainConfig) -> tuple[ImageDataset, torch.Tensor, tuple]:
     return dataset, train_idx, (None, None, None)
 
 
-def _recipe(config: TrainConfig, n_train: int) -> tuple[Recipe, int]:
+def _recipe(config: TrainConfig, n_train: int, photos: bool) -> tuple[Recipe, int]:
     """The paper's recipe, scaled to the budget asked for, and the steps of one epoch."""
-    recipe = get_recipe(config.recipe or default_recipe(config.model))
+    recipe = get_recipe(config.recipe or default_recipe(config.model, photos=photos))
     if config.batch_size:
         recipe = replace(recipe, batch_size=config.batch_size)
     if config.lr:

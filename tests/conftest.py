@@ -32,3 +32,30 @@ def tiny_folder(tmp_path_factory) -> Path:
     write_folder(root / "train", per_class=24, seed=0)
     write_folder(root / "test", per_class=6, seed=1)
     return root
+
+
+def write_photos(root: Path, per_class: int, seed: int = 0) -> list[Path]:
+    """ROOT/<ants|bees>/*.jpg: JPEG photos, 60x40 and 40x60, a colour ramp tinted by class."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for c, name in enumerate(("ants", "bees")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            width, height = (60, 40) if i % 2 else (40, 60)
+            ramp = np.linspace(0, 120, width)[None, :, None] + np.zeros((height, 1, 3))
+            tint = np.array([120, 60, 20]) if c == 0 else np.array([20, 60, 120])
+            noise = rng.integers(0, 30, (height, width, 3))
+            pixels = np.clip(ramp + tint + noise, 0, 255).astype(np.uint8)
+            path = root / name / f"{i:03d}.jpg"
+            Image.fromarray(pixels).save(path, quality=90)
+            written.append(path)
+    return written
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """Photos in ROOT/train/<class>/ (12 per class) and ROOT/val/<class>/ (3 per class)."""
+    root = tmp_path_factory.mktemp("photos") / "hymenoptera"
+    write_photos(root / "train", per_class=12, seed=0)
+    write_photos(root / "val", per_class=3, seed=1)
+    return root

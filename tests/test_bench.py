@@ -121,3 +121,38 @@ def test_saved_results_keep_earlier_runs(tmp_path):
 def test_bench_train_refuses_nets_the_reference_lacks(tiny_folder, capsys):
     assert main(["bench", "train", "--model", "resnet50", "--data", str(tiny_folder)]) == 2
     assert "CIFAR ResNets" in capsys.readouterr().err
+
+
+def test_bench_data_cli_times_both_loaders_and_a_training_step(photo_folder, tmp_path, capsys):
+    argv = ["bench", "data", "--data", str(photo_folder), "--batches", "4", "--windows", "2"]
+    argv += ["--batch-size", "4", "--workers", "1", "--crop-size", "32", "--train-steps", "1"]
+    argv += ["--train-batch-size", "2"]
+    argv += ["--json", "--save", "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["scale"] == [37, 69] and result["n_images"] == 24  # 256..480 scaled to 32
+    assert result["train_batch_size"] == 2
+    for key in ("deepres", "deepres_no_draft", "reference", "train"):
+        assert result[f"{key}_images_per_sec"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["deepres_images_per_sec"] / result["reference_images_per_sec"]
+    )
+    assert result["keeps_up"] == (
+        result["deepres_images_per_sec"] >= result["train_images_per_sec"]
+    )
+    assert [len(result["windows"][k]) for k in ("deepres", "reference", "train_steps")] == [2, 2, 1]
+    assert result["command"].startswith("deepres bench data")
+    (saved,) = tmp_path.glob("cpu-*.json")
+    assert json.loads(saved.read_text())["runs"] == [result]
+
+
+@pytest.mark.parametrize("augment", ["scale", "rrc"])
+def test_reference_photo_views_have_the_crop_size(reference, augment):
+    photo = Image.fromarray(np.zeros((40, 60, 3), np.uint8))
+    torch.manual_seed(0)
+    for _ in range(20):
+        if augment == "rrc":
+            out = reference.random_resized_crop(photo, 16)
+        else:
+            out = reference.scale_crop(photo, 16, 20, 30)
+        assert out.size == (16, 16)

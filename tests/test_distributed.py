@@ -67,3 +67,18 @@ def test_a_single_process_run_resumes_under_torchrun(tiny_folder, tmp_path):
     assert [(m["iteration"], m["images"]) for m in metrics] == [(2, 32), (4, 32), (6, 32)]
     assert all(0 <= m["train_error"] <= 100 for m in metrics)
     assert json.loads((run / "summary.json").read_text())["iteration"] == 6
+
+
+def test_two_processes_stream_photos_into_one_run(photo_folder, tmp_path):
+    run = tmp_path / "photos"
+    # Width 8: see test_train_photos for what width 4 meets in torch's CPU convolutions.
+    flags = ["--model", "resnet18", "--width", "8", "--crop-size", "32", "--iters", "4"]
+    flags += ["--batch-size", "8", "--workers", "1", "--quiet", "--deterministic"]
+    done = torchrun("train", *flags, "--data", str(photo_folder), "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["finished"] and summary["eval_split"] == "test"
+    # Both ranks' halves of the global batch of 8 were counted, on the streaming path.
+    assert [(m["iteration"], m["images"]) for m in read_metrics(run)] == [(4, 32)]
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"]["name"] == "imagenet" and config["augment"]["crop"] == 32

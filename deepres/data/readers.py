@@ -145,6 +145,43 @@ def open_dataset(
     return dataset
 
 
+@dataclass
+class ImageFolderSplit:
+    """One split of an image folder, listed but not decoded: where each file is, and its label."""
+
+    path: Path  # the folder, or the .zip that holds it
+    is_zip: bool
+    names: list[str]  # relative to path
+    labels: list[int]
+    classes: list[str]
+    source: str
+
+
+def list_image_folder(spec: str, split: str = "train") -> ImageFolderSplit | None:
+    """The files of a split of the image folder (folder or .zip) at spec; None if it is not one."""
+    if split not in SPLITS:
+        raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
+    source = _open_source(spec)
+    if isinstance(source, _Tar) or _detect(source)[0] != "image folder":
+        return None
+    splits = _splits(source, "image folder", "")
+    if split not in splits:
+        hint = "; hold out part of the training set with --val-split" if split == "test" else ""
+        found = ", ".join(splits) or "none"
+        raise DataError(
+            f"{source.label}: image folder with no {split} split (found: {found}){hint}"
+        )
+    names, labels, classes = _image_folder_split(source, split)
+    return ImageFolderSplit(
+        source.path,
+        isinstance(source, _Zip),
+        names,
+        labels,
+        classes,
+        f"{source.where('')} (image folder, {split} split)",
+    )
+
+
 def available_splits(spec: str) -> list[str]:
     """Which of 'train'/'test' the source at spec has."""
     source = _open_source(spec)

@@ -1,0 +1,101 @@
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+import deepres
+from deepres.checkpoint import load_tensors
+from deepres.cli import main
+from deepres.report import read_metrics
+from deepres.train import TrainConfig, load_config, train
+
+
+def photo_config(folder, out, **kw) -> TrainConfig:
+    base = dict(
+        model="resnet18",
+        data=str(folder),
+        out=str(out),
+        iters=6,
+        batch_size=8,
+        # Not 4: torch 2.13's CPU kernel for a channels_last 1x1 stride-2 convolution from 4
+        # channels has a nondeterministic weight gradient (and corrupts the heap in one thread).
+        width=8,
+        crop_size=32,
+        workers=0,
+        log_every=2,
+        eval_every=4,
+        checkpoint_every=4,
+        deterministic=True,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_folder, tmp_path):
+    summary = train(photo_config(photo_folder, tmp_path / "run"), progress=False)
+    assert summary["finished"] and summary["eval_split"] == "test"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["recipe"]["name"] == "imagenet" and config["normalize"] == "channel"
+    assert config["recipe"]["milestones"] == [2, 4]  # epochs 30 and 60 of 90, scaled to 6
+    assert config["input_size"] == [3, 32, 32] and config["n_train"] == 24
+    assert config["augment"]["sizes"] == [37, 69] and config["augment"]["kind"] == "scale"
+    assert config["data_source"].endswith("(image folder, train split)")
+    tensors, _ = load_tensors(tmp_path / "run" / "preprocess.safetensors")
+    assert tensors["mean"].shape == (3, 1, 1) and tensors["lighting_eigvec"].shape == (3, 3)
+    assert [m["iteration"] for m in read_metrics(tmp_path / "run")] == [2, 4, 6]
+    assert "test_error" in read_metrics(tmp_path / "run")[-1]
+    # deepres.load takes the run as it is: a photo in, classes out.
+    top = deepres.load(tmp_path / "run").topk(Image.open(photo_folder / "val/ants/000.jpg"))
+    assert {name for name, _ in top} == {"ants", "bees"}
+
+
+def test_a_streamed_run_resumes_with_exactly_the_same_weights(photo_folder, tmp_path):
+    whole = photo_config(photo_folder, tmp_path / "whole", val_split=4)
+    train(whole, progress=False)
+    stopped = replace(whole, out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=3, progress=False)  # mid-epoch: 20 images make 2 steps of 8
+    # Resumed with worker processes this time: the batches do not depend on them.
+    resumed = replace(load_config(tmp_path / "stopped"), workers=1)
+    train(resumed, resume=True, progress=False)
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    b = (tmp_path / "stopped" / "model.safetensors").read_bytes()
+    assert a == b
+    keep = ("iteration", "train_loss", "train_error", "val_error")
+    assert [{k: m.get(k) for k in keep} for m in read_metrics(tmp_path / "whole")] == [
+        {k: m.get(k) for k in keep} for m in read_metrics(tmp_path / "stopped")
+    ]
+
+
+def test_image_size_keeps_an_imagenet_net_on_the_in_memory_path(photo_folder, tmp_path):
+    train(photo_config(photo_folder, tmp_path / "run", image_size=32, iters=1), progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["augment"] is None and config["recipe"]["name"] == "cifar"
+
+
+def test_photos_refuse_a_per_pixel_mean(photo_folder, tmp_path):
+    with pytest.raises(ValueError, match="--normalize pixel: photos of many sizes"):
+        train(photo_config(photo_folder, tmp_path / "run", normalize="pixel"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_on_photos_and_names_a_corrupt_one(photo_folder, tmp_path, capsys):
+    flags = ["--model", "resnet18", "--width", "8", "--crop-size", "32", "--batch-size", "8"]
+    flags += ["--iters", "2", "--workers", "0", "--augment", "rrc", "--quiet"]
+    run = tmp_path / "run"
+    assert main(["train", *flags, "--data", str(photo_folder), "--out", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["finished"]
+    assert json.loads((run / "config.json").read_text())["augment"]["kind"] == "rrc"
+    broken = tmp_path / "broken"
+    for path in sorted(photo_folder.rglob("*.jpg")):
+        (broken / path.relative_to(photo_folder)).parent.mkdir(parents=True, exist_ok=True)
+        (broken / path.relative_to(photo_folder)).write_bytes(path.read_bytes())
+    bad = broken / "train" / "bees" / "004.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["train", *flags, "--data", str(broken), "--out", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("deepres train: error:") and f"{bad}: cannot decode image" in error
+    assert "\n" not in error
+    out = str(tmp_path / "c")
+    assert main(["train", *flags, "--scale", "20,480", "--data", str(broken), "--out", out]) == 2
+    assert "--scale 20,480: need 32 (the crop size) <= LOW" in capsys.readouterr().err
