@@ -428,8 +428,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     # two GPUs, Sec. 4.2); BN statistics stay per rank, with no SyncBN.
     replica = distributed.wrap(model, device)
     if config.compile:
-        # Fuses BN, ReLU and the additions around the convolutions: 12% more images/s on
-        # this project's 2-core CPU (measured; benchmarks/results), after ~30 s of compiling.
+        # Fuses BN, ReLU and the additions around the convolutions: at most a few percent on
+        # the project's 2-core CPUs (benchmarks/step_variants.py), after a compile of ~30 s.
         replica = torch.compile(replica)
     # Rank 0 alone evaluates, on the unwrapped net: no collective waits on the others.
     if not main:
