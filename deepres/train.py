@@ -207,7 +207,8 @@ def _train(
         dynamic_ncols=True,
         desc=config.model,
     )
-    t_window = time.perf_counter()
+    # Timed from this session's start: a resumed window's earlier images took no time here.
+    t_window, timed_from = time.perf_counter(), iteration
     agreed_stop = False
     with _stop_signals() as stop:
         try:
@@ -226,9 +227,14 @@ def _train(
                     s.last_loss = loss_sum / images
                     if not math.isfinite(s.last_loss):
                         raise _diverged(s, iteration, "the training loss")
-                    _log(s, iteration, lr, loss_sum, err_sum, images, t_window, bar)
+                    timed = (
+                        (iteration - timed_from)
+                        * recipe.batch_size
+                        / (time.perf_counter() - t_window)
+                    )
+                    _log(s, iteration, lr, loss_sum, err_sum, images, timed, bar)
                     window.reset()
-                    t_window = time.perf_counter()
+                    t_window, timed_from = time.perf_counter(), iteration
 
                 due = iteration % config.checkpoint_every == 0 or iteration == recipe.iters
                 # Under torchrun the ranks must stop at the same step: a signal counts once agreed.
@@ -546,10 +552,9 @@ def _log(
     loss_sum: float,
     err_sum: float,
     images: float,
-    t_window: float,
+    images_per_sec: float,
     bar: tqdm,
 ) -> None:
-    now = time.perf_counter()
     record = {
         "iteration": iteration,
         "epoch": round(iteration / s.steps_per_epoch, 3),
@@ -558,7 +563,7 @@ def _log(
         "images": int(images),
         "lr": lr,
         "precision": s.config.precision,
-        "images_per_sec": images / max(now - t_window, 1e-9),
+        "images_per_sec": images_per_sec,
     }
     recipe = s.recipe
     if s.state["warming_up"] and record["train_error"] < 100 * recipe.warmup_until_error:
