@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         choices=PROTOCOLS,
         default="single",
-        help="single: the training-size view; center, 10crop, multiscale: full-size images",
+        help="single: the training view (streamed photo runs: center); center, 10crop, multiscale: full-size images",
     )
     p.add_argument("--resize", type=int, help="center/10crop shorter side (ImageNet nets: 256)")
     p.add_argument("--crop", type=int, help="center/10crop view size (ImageNet nets: 224)")

@@ -57,9 +57,14 @@ class Protocol:
 
 
 def default_protocol(name: str, family: str, input_size: int) -> Protocol:
-    """The paper's sizes for an ImageNet net; for a CIFAR-sized net, sizes of its input."""
+    """The paper's sizes for an ImageNet net (in proportion to a crop other than 224); for a
+    CIFAR-sized net, sizes of its input."""
     if family == "imagenet":
-        return Protocol(name)
+        # A net trained on smaller crops (--crop-size) is tested as it was trained: the same
+        # crop, resized from the same 256/224 shorter side as its training's centre view.
+        ratio = input_size / 224
+        scales = tuple(round(side * ratio) for side in PAPER_SCALES)
+        return Protocol(name, resize=round(256 * ratio), crop=input_size, scales=scales)
     # A CIFAR-sized net sees whole images of its input size: its center view is that image
     # (resize = crop, as the single view), and Table 4's sides keep their ratios to the crop.
     scales = tuple(round(side * input_size / 224) for side in PAPER_SCALES)
@@ -236,6 +241,10 @@ def evaluate_run(
         split = _test_split(run, saved, data, given)
     read_split = "test" if split == "test" else "train"
     keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
+    if protocol == "single" and saved.get("augment"):
+        # A run trained on streamed photos has no one image size: its single view is the centre
+        # view its training evaluated on (Sec. 3.4's 224 crop of the 256-side image).
+        protocol = "center"
     model = classifier.model.to(device)
     record = {"run": str(run), "data": data, "split": split, "protocol": protocol}
     if protocol != "single":

@@ -172,6 +172,9 @@ def test_multiscale_on_non_square_images_gives_probabilities_over_scales_and_fli
 
 def test_protocol_sizes_default_to_the_paper_or_the_net_input():
     assert default_protocol("10crop", "imagenet", 224) == Protocol("10crop", 256, 224)
+    # An ImageNet net trained on 112 crops is tested in the same proportions.
+    small = default_protocol("multiscale", "imagenet", 112)
+    assert (small.resize, small.crop, small.scales) == (128, 112, (112, 128, 192, 240, 320))
     cifar = default_protocol("multiscale", "cifar", 32)
     assert (cifar.resize, cifar.crop, cifar.scales) == (32, 32, (32, 37, 55, 69, 91))
     with pytest.raises(ValueError, match="larger than resize"):

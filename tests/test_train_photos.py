@@ -7,6 +7,7 @@ from PIL import Image
 import deepres
 from deepres.checkpoint import load_tensors
 from deepres.cli import main
+from deepres.evaluate import evaluate_run
 from deepres.report import read_metrics
 from deepres.train import TrainConfig, load_config, train
 
@@ -48,6 +49,14 @@ def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_f
     # deepres.load takes the run as it is: a photo in, classes out.
     top = deepres.load(tmp_path / "run").topk(Image.open(photo_folder / "val/ants/000.jpg"))
     assert {name for name, _ in top} == {"ants", "bees"}
+
+
+def test_eval_of_a_streamed_run_defaults_to_the_centre_view_it_was_tested_on(photo_folder, tmp_path):
+    summary = train(photo_config(photo_folder, tmp_path / "run"), progress=False)
+    result = evaluate_run(tmp_path / "run")
+    assert result["protocol"] == "center" and result["n"] == 6
+    assert result["top1_error"] == pytest.approx(summary["test_error"])
+    assert evaluate_run(tmp_path / "run", protocol="center")["top1_error"] == result["top1_error"]
 
 
 def test_a_streamed_run_resumes_with_exactly_the_same_weights(photo_folder, tmp_path):
