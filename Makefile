@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch first: an unpinned resolve would fetch a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint setup fashion-mnist campaign
+.PHONY: demo test lint setup fashion-mnist campaign photos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,4 +58,24 @@ campaign: setup
 	  OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
 	    --models $$m --runs $(CAMPAIGN_RUNS) --out runs/campaign-reports/$$m; \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign: $$m stopped"; exit 1; }; \
+	done
+
+# Issue 10's short runs: resnet18 and plain18 from scratch on the 245 training photos of
+# hymenoptera (Sec. 3.4's augmentation, the ImageNet recipe over 30 epochs at batch 32), each
+# tested with the three protocols. Small-data numbers; the JSON lands in docs/results.
+PHOTOS ?= ../shared/data/hymenoptera.zip
+PHOTO_EPOCHS ?= 30
+photos: setup
+	@mkdir -p docs/results/photos-scratch
+	@for m in resnet18 plain18; do \
+	  run=runs/photos-scratch/$$m; \
+	  if [ -f $$run/summary.json ]; then :; \
+	  elif [ -f $$run/config.json ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
+	  else $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
+	    --checkpoint-every 50 --out $$run --quiet || exit 1; fi; \
+	  mkdir -p docs/results/photos-scratch/$$m; \
+	  cp $$run/config.json $$run/summary.json $$run/metrics.jsonl $$run/curves.png docs/results/photos-scratch/$$m/; \
+	  for p in center 10crop multiscale; do \
+	    $(VENV)/bin/deepres eval $$run --protocol $$p --json > docs/results/photos-scratch/$$m/eval-$$p.json || exit 1; \
+	  done; \
 	done

@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--iters", type=int, help="iterations (milestones scale with it)")
     budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="with --resume: the new lr, from the checkpoint on")
+    p.add_argument(
+        "--lr", type=float, help="default: the recipe's; with --resume: the new lr from the checkpoint on"
+    )
     p.add_argument(
         "--val-split",
         type=int,

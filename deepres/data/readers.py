@@ -313,6 +313,17 @@ class _Archive:
     def _corrupt(self, error: Exception) -> DataError:
         return DataError(f"{self.path}: corrupt archive ({type(error).__name__}: {error})")
 
+    # _listed: every visible entry of the archive, folders ending in "/".
+    @cached_property
+    def names(self) -> list[str]:
+        return sorted(name for name in self._listed if not name.endswith("/"))
+
+    @cached_property
+    def folders(self) -> list[str]:
+        # Folder entries are optional in zips and tars: the folders of their files count too.
+        named = {name.rstrip("/") for name in self._listed if name.endswith("/")}
+        return sorted(named | {parent for name in self.names for parent in _parents(name)})
+
 
 class _Zip(_Archive):
     _errors = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
@@ -324,16 +335,6 @@ class _Zip(_Archive):
                 return [name for name in archive.namelist() if _visible(name)]
         except self._errors as error:
             raise self._corrupt(error) from error
-
-    @cached_property
-    def names(self) -> list[str]:
-        return sorted(name for name in self._listed if not name.endswith("/"))
-
-    @cached_property
-    def folders(self) -> list[str]:
-        # Folder entries are optional in a zip: the folders of its files count too.
-        named = {name.rstrip("/") for name in self._listed if name.endswith("/")}
-        return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         with zipfile.ZipFile(self.path) as archive:
@@ -370,15 +371,6 @@ class _Tar(_Archive):
     @cached_property
     def _listed(self) -> list[str]:
         return [name for name, _ in self._stream(None)]
-
-    @cached_property
-    def names(self) -> list[str]:
-        return sorted(name for name in self._listed if not name.endswith("/"))
-
-    @cached_property
-    def folders(self) -> list[str]:
-        named = {name.rstrip("/") for name in self._listed if name.endswith("/")}
-        return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         return self._stream(set(names))
