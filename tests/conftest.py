@@ -13,6 +13,22 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DEEPRES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def _files(root: Path) -> list[tuple[str, int, int]]:
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shipped_nets_untouched():
+    """No test publishes into the package's own deepres/weights (one once did)."""
+    from deepres.pretrained import SHIPPED
+
+    before = _files(SHIPPED)
+    yield
+    assert _files(SHIPPED) == before, f"a test wrote into {SHIPPED}"
+
+
 def write_folder(root: Path, per_class: int, size: int = 12, seed: int = 0) -> Path:
     """ROOT/<class>/*.png: noisy images whose colour tells the class."""
     rng = np.random.default_rng(seed)
