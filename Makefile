@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch first: an unpinned resolve would fetch a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint setup fashion-mnist campaign photos
+.PHONY: demo test lint setup fashion-mnist campaign land photos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,23 @@ campaign: setup
 	  OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
 	    --models $$m --runs $(CAMPAIGN_RUNS) --out runs/campaign-reports/$$m; \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign: $$m stopped"; exit 1; }; \
+	done
+
+# Lands what the campaign finished: each finished net published as NET-cifar10 (once), then
+# Table 6 and Fig. 6 recomputed from all finished nets into docs/results/*-full.
+CAMPAIGN_BUDGET ?= full
+land: setup
+	@finished=""; for m in $(CAMPAIGN_NETS); do \
+	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
+	  finished="$$finished,$$m"; \
+	  test -d deepres/weights/$$m-cifar10 || $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$m-cifar10 \
+	    --command "make campaign: deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 --models $$m --runs $(CAMPAIGN_RUNS)" \
+	    > /dev/null || exit 1; \
+	done; \
+	test -n "$$finished" || { echo "land: no net of the campaign has finished"; exit 1; }; \
+	for e in table6 degradation; do \
+	  $(VENV)/bin/deepres reproduce $$e --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
+	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
 	done
 
 # Issue 10's short runs: resnet18 and plain18 from scratch on the 245 training photos of

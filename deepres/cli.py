@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
     p.add_argument("--batch-size", type=int)
     p.add_argument(
-        "--lr", type=float, help="default: the recipe's; with --resume: the new lr from the checkpoint on"
+        "--lr", type=float, help="default: the recipe's; with --resume: the new lr from then on"
     )
     p.add_argument(
         "--val-split",
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         choices=PROTOCOLS,
         default="single",
-        help="single: the training view (streamed photo runs: center); center, 10crop, multiscale: full-size images",
+        help="single: the training view (photo runs: center); others: full-size images",
     )
     p.add_argument("--resize", type=int, help="center/10crop shorter side (ImageNet nets: 256)")
     p.add_argument("--crop", type=int, help="center/10crop view size (ImageNet nets: 224)")

@@ -51,7 +51,7 @@ def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_f
     assert {name for name, _ in top} == {"ants", "bees"}
 
 
-def test_eval_of_a_streamed_run_defaults_to_the_centre_view_it_was_tested_on(photo_folder, tmp_path):
+def test_eval_of_a_streamed_run_defaults_to_its_centre_view(photo_folder, tmp_path):
     summary = train(photo_config(photo_folder, tmp_path / "run"), progress=False)
     result = evaluate_run(tmp_path / "run")
     assert result["protocol"] == "center" and result["n"] == 6
