@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -56,9 +57,24 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
+        # A resumed run keeps its configuration: a flag that would change it is refused rather
+        # than silently ignored. --lr (after a divergence), the device and workers may change.
+        defaults = vars(build_parser().parse_args(["train"]))
+        keep = {"resume", "lr", "device", "workers", "quiet", "func", "command", "command_line"}
+        changed = [k for k, v in vars(args).items() if k not in keep and v != defaults.get(k)]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(
+                f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
+                " change it (only --lr, --device and --workers can)"
+            )
         config = load_config(args.resume)
         if args.lr is not None:
             config = replace(config, lr=args.lr)
+        if args.device != defaults["device"]:
+            config = replace(config, device=args.device)
+        if args.workers is not None:
+            config = replace(config, workers=args.workers)
         summary = train(config, resume=True, progress=not args.quiet)
     else:
         if not (args.model and args.data and args.out):
@@ -466,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             args.func(args)
+    except BrokenPipeError:
+        # stdout's reader went away (`deepres predict RUN DIR | head`): stop quietly, as cat does,
+        # and keep the interpreter's last flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"deepres {args.command}: error: {err}", file=sys.stderr)
         return 2

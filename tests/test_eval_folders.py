@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +81,15 @@ def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
     assert main(["predict", str(bare_run), str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{empty}: no images" in err[0]
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    # `deepres predict RUN DIR | head`: the reader leaves before the command has printed.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deepres.cli", "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()
+    _, err = child.communicate(timeout=120)
+    assert (child.returncode, err.decode()) == (141, "")
