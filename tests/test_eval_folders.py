@@ -93,3 +93,15 @@ def test_a_closed_stdout_ends_the_command_quietly():
     child.stdout.close()
     _, err = child.communicate(timeout=120)
     assert (child.returncode, err.decode()) == (141, "")
+
+
+def test_a_relative_data_path_missing_from_here_asks_for_data(bare_run, tiny_folder, tmp_path):
+    # The run records its data as given: relative to where it was trained.
+    moved = tmp_path / "moved"
+    shutil.copytree(bare_run, moved)
+    saved = json.loads((moved / "config.json").read_text())
+    saved["config"]["data"] = "../somewhere/train"
+    (moved / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match=r"training data \.\./somewhere/train is not found"):
+        evaluate_run(moved)
+    assert evaluate_run(moved, str(tiny_folder / "test"))["n"] == 18

@@ -62,6 +62,7 @@ _NAMED = {
         "put the MNIST IDX files there or point DEEPRES_MNIST_DIR at them",
     ),
 }
+NAMED_DATA = frozenset(_NAMED)  # data given by name, not by path
 _EXPECTED = (
     "expected fashion-mnist, mnist, a folder of IDX files, CIFAR-10/100 in the python or"
     " binary format (folder or .tar.gz), or an image folder (folder or .zip) of"
