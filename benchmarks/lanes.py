@@ -90,8 +90,7 @@ def main() -> None:
         "total_images_per_sec": medians,
         "per_round_totals": totals,
         "per_round_lanes": per_lane,
-        "ratio_per_core_over_all_cores": medians["one_run_per_core"]
-        / medians["one_run_all_cores"],
+        "ratio_per_core_over_all_cores": medians["one_run_per_core"] / medians["one_run_all_cores"],
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
         "torch": torch.__version__,

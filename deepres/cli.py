@@ -58,23 +58,23 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
-        # than silently ignored. --lr (after a divergence), the device and workers may change.
+        # than silently ignored. --lr (after a divergence) may change, and how it runs: the
+        # device, the workers, how often it saves.
         defaults = vars(build_parser().parse_args(["train"]))
-        keep = {"resume", "lr", "device", "workers", "quiet", "func", "command", "command_line"}
+        how = {"device", "workers", "checkpoint_every"}
+        keep = {"resume", "lr", "quiet", "func", "command", "command_line"} | how
         changed = [k for k, v in vars(args).items() if k not in keep and v != defaults.get(k)]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
                 f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
-                " change it (only --lr, --device and --workers can)"
+                " change it (only --lr, --device, --workers and --checkpoint-every can)"
             )
         config = load_config(args.resume)
         if args.lr is not None:
             config = replace(config, lr=args.lr)
-        if args.device != defaults["device"]:
-            config = replace(config, device=args.device)
-        if args.workers is not None:
-            config = replace(config, workers=args.workers)
+        given = {k: getattr(args, k) for k in how if getattr(args, k) != defaults[k]}
+        config = replace(config, **given)
         summary = train(config, resume=True, progress=not args.quiet)
     else:
         if not (args.model and args.data and args.out):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import write_folder
 
+from deepres import train as train_module
 from deepres.cli import main
 from deepres.experiments import reproduce
 from deepres.experiments.common import BUDGETS, Context, ensure_run, final_training
@@ -138,6 +139,16 @@ def test_a_run_with_an_old_config_json_is_resumed_with_the_new_defaults(tiny_fol
     # Resumed as it was started: fp32, whatever auto would pick on this machine.
     assert load_config(run).precision == "fp32"
     assert [m.get("precision") for m in read_metrics(run)] == ["fp32", "fp32"]
+
+
+def test_a_resumed_run_saves_as_often_as_the_budget_says_now(tiny_folder, tmp_path, monkeypatch):
+    ctx = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=0, progress=False)
+    config = replace(ctx.config("resnet20", "resnet20"), iters=8, checkpoint_every=4)
+    train(config, stop_at=2, progress=False)
+    saves, save = [], train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda s, i, w: (saves.append(i), save(s, i, w)))
+    ensure_run(ctx, replace(config, checkpoint_every=3))
+    assert saves == [3, 6, 8]
 
 
 def test_cli_reproduce(tiny_folder, tmp_path, capsys):

@@ -269,18 +269,28 @@ def test_a_copied_run_resumes_where_it_is_and_leaves_the_original(tiny_folder, t
     assert files(original) == before
 
 
-def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, capsys):
+def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(tiny_folder, run, iters=8), stop_at=4, progress=False)
     before = files(run)
     assert main(["train", "--resume", str(run), "--epochs", "3", "--seed", "5", "--quiet"]) == 2
     assert one_line(capsys).endswith(
         f"{run}: --resume continues the run as it was configured; --epochs, --seed cannot"
-        " change it (only --lr, --device and --workers can)"
+        " change it (only --lr, --device, --workers and --checkpoint-every can)"
     )
     assert files(run) == before
-    assert main(["train", "--resume", str(run), "--device", "cpu", "--quiet"]) == 0
+    saves = record_saves(monkeypatch)
+    resume = ["train", "--resume", str(run), "--device", "cpu", "--checkpoint-every", "3"]
+    assert main([*resume, "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["iteration"] == 8
+    assert saves == [6, 8]
+
+
+def record_saves(monkeypatch) -> list[int]:
+    """The iterations at which training saves a checkpoint from now on."""
+    saves, save = [], train_module._save
+    monkeypatch.setattr(train_module, "_save", lambda s, i, w: (saves.append(i), save(s, i, w)))
+    return saves
 
 
 def test_divergence_stops_keeps_the_finite_checkpoint_and_resumes_with_a_new_lr(
