@@ -55,7 +55,7 @@ CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
 CAMPAIGN_NETS ?= resnet20 resnet56 plain56 plain20 resnet32 resnet44 resnet110 plain110
 CAMPAIGN_RUNS := runs/reproduce-cifar10-jpeg-train-zip-full
 LANES ?= 2
-LANE_THREADS := $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
+LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a training step slowed 4x whenever a
 # test or build shared the cores; passive waits cost about 5% when the machine is idle.
 campaign: setup
