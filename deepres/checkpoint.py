@@ -21,6 +21,7 @@ CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 PREPROCESS = "preprocess.safetensors"
 CONFIG = "config.json"
+SUMMARY = "summary.json"
 FORMAT = "deepres-checkpoint-1"
 
 
@@ -129,6 +130,19 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
         return tensors, json.loads(meta.get("json", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def checkpoint_state(run: Path) -> dict | None:
+    """The loop state saved with a run's checkpoint (iteration, seconds), no tensor read."""
+    path = Path(run) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get("json", "{}"))
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 

@@ -31,6 +31,7 @@ from deepres.export import export_onnx
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.pretrained import describe, publish
+from deepres.report import find_runs, run_status
 from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
 
@@ -195,6 +196,25 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 def cmd_pretrained(args: argparse.Namespace) -> None:
     print("\n".join(describe()) or "no shipped nets")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    runs = find_runs(args.paths)
+    if not runs:
+        raise ValueError(f"{', '.join(map(str, args.paths))}: no run directory (config.json) here")
+    rows = [run_status(run) for run in runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    head = ("iteration", "train err %", "hours", "images/s", "left h")
+    print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>10}{head[4]:>8}")
+    for r in rows:
+        done = f"{r['iteration']:,}/{r['iters']:,}"
+        err = "-" if r["train_error"] is None else f"{r['train_error']:.2f}"
+        speed = "-" if r["images_per_sec"] is None else f"{r['images_per_sec']:.0f}"
+        left = "-" if r["hours_left"] is None else f"{r['hours_left']:.1f}"
+        left = "done" if r["finished"] else left
+        print(f"{r['run']:<48}{done:>18}{err:>13}{r['hours']:>8.2f}{speed:>10}{left:>8}")
 
 
 def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
@@ -396,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrained", help="the trained nets shipped with deepres, by name")
     p.set_defaults(func=cmd_pretrained)
+
+    p = sub.add_parser("status", help="where the runs in a folder stand: iteration, error, time")
+    p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="default: runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("publish", help="ship a finished run's net under a name (maintainers)")
     p.add_argument("run", type=Path)

@@ -10,7 +10,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deepres.checkpoint import atomic_write, write_json  # noqa: E402
+from deepres.checkpoint import (  # noqa: E402
+    CONFIG,
+    SUMMARY,
+    atomic_write,
+    checkpoint_state,
+    read_json,
+    write_json,
+)
 from deepres.paper import TABLE6_ERROR  # noqa: E402
 
 METRICS = "metrics.jsonl"
@@ -22,6 +29,42 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_status(run: Path) -> dict:
+    """Where a run stands: the iteration it would resume from, its last training error, its
+    hours so far and, at the speed of its last log record, the hours it has left."""
+    run = Path(run)
+    saved = read_json(run / CONFIG)
+    iters, batch = saved["recipe"]["iters"], saved["recipe"]["batch_size"]
+    finished = (run / SUMMARY).is_file()
+    state = read_json(run / SUMMARY) if finished else checkpoint_state(run) or {}
+    metrics = read_metrics(run)
+    last = metrics[-1] if metrics else {}
+    iteration = state.get("iteration", 0)
+    speed = state.get("images_per_sec") if finished else last.get("images_per_sec")
+    left = None if finished or not speed else (iters - iteration) * batch / speed / 3600
+    return {
+        "run": str(run),
+        "model": saved["model"],
+        "iteration": iteration,
+        "iters": iters,
+        "finished": finished,
+        "train_error": last.get("train_error"),
+        "hours": state.get("seconds", 0.0) / 3600,
+        "images_per_sec": speed,
+        "hours_left": left,
+    }
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The run directories at or anywhere below the paths, sorted."""
+    runs = set()
+    for path in map(Path, paths):
+        if (path / CONFIG).is_file():
+            runs.add(path)
+        runs.update(config.parent for config in path.rglob(CONFIG))
+    return sorted(runs)
 
 
 def curve(metrics: list[dict], split: str | None) -> dict:

@@ -32,6 +32,7 @@ from deepres.checkpoint import (
     CHECKPOINT,
     CONFIG,
     PREPROCESS,
+    SUMMARY,
     WEIGHTS,
     append_text,
     load_checkpoint,
@@ -61,8 +62,6 @@ from deepres.models import create_model, model_family
 from deepres.provenance import git_commit
 from deepres.recipes import Recipe, default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
-
-SUMMARY = "summary.json"
 
 
 @dataclass

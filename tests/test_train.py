@@ -18,7 +18,7 @@ from deepres.cli import build_parser, main
 from deepres.evaluate import error_rates
 from deepres.models import create_model
 from deepres.recipes import RECIPES, default_recipe, get_recipe
-from deepres.report import read_metrics
+from deepres.report import find_runs, read_metrics, run_status
 from deepres.train import Diverged, TrainConfig, load_config, resolve_precision, train
 
 
@@ -448,3 +448,22 @@ def test_emulated_bf16_is_one_warning_line(tiny_folder, tmp_path, monkeypatch, c
     line = one_line(capsys)
     assert line.startswith("deepres train: warning: --precision bf16: ")
     assert "emulated" in line and "far slower" in line
+
+
+def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
+    stopped, done = tmp_path / "a" / "stopped", tmp_path / "b" / "done"
+    train(tiny_config(tiny_folder, stopped, iters=8), stop_at=3, progress=False)
+    train(tiny_config(tiny_folder, done, iters=4), progress=False)
+    assert find_runs([tmp_path]) == [stopped, done]
+    now = run_status(stopped)
+    last = read_metrics(stopped)[-1]
+    # The checkpoint's iteration (3), not the last log record's (2): where a resume starts.
+    assert (now["iteration"], now["iters"], now["finished"]) == (3, 8, False)
+    assert now["train_error"] == last["train_error"] and now["hours"] > 0
+    assert now["hours_left"] == pytest.approx(5 * 16 / last["images_per_sec"] / 3600)
+    finished = run_status(done)
+    assert (finished["iteration"], finished["finished"], finished["hours_left"]) == (4, True, None)
+    assert main(["status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == [str(stopped), "3/8"]
+    assert lines[2].split()[1] == "4/4" and lines[2].endswith("done")
