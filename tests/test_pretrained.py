@@ -12,22 +12,26 @@ from deepres.pretrained import manifest, publish, resolve_run, sha256
 from deepres.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
+def tiny_run(folder, out, stop_at=None):
+    """A 4-iteration ResNet-20 of width 4 on the tiny colour folder, stopped at stop_at."""
     config = TrainConfig(
         model="resnet20",
-        data=str(tiny_folder),
+        data=str(folder),
         out=str(out),
         iters=4,
         batch_size=16,
         width=4,
         log_every=2,
-        checkpoint_every=4,
+        checkpoint_every=2,
         device="cpu",
     )
-    train(config, progress=False)
+    train(config, stop_at=stop_at, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_folder, tmp_path_factory):
+    return tiny_run(tiny_folder, tmp_path_factory.mktemp("run") / "tiny")
 
 
 @pytest.fixture
@@ -75,18 +79,7 @@ def test_a_tampered_or_unknown_net_is_refused(finished_run, shipped):
 
 
 def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):
-    out = tmp_path / "half"
-    config = TrainConfig(
-        model="resnet20",
-        data=str(tiny_folder),
-        out=str(out),
-        iters=4,
-        batch_size=16,
-        width=4,
-        checkpoint_every=2,
-        device="cpu",
-    )
-    train(config, stop_at=2, progress=False)
+    out = tiny_run(tiny_folder, tmp_path / "half", stop_at=2)
     with pytest.raises(ValueError, match="only a finished run"):
         publish(out, "half", "cmd", root=shipped)
     assert not (shipped / "half").exists()
