@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deepres.checkpoint import CONFIG, WEIGHTS, load_preprocess, load_tensors, read_json
+from deepres.data.augment import CENTER_RESIZE
 from deepres.data.loader import Preprocess
 from deepres.models import create_model
 from deepres.pretrained import resolve_run
@@ -26,11 +27,15 @@ class Classifier:
         preprocess: Preprocess,
         classes: list[str],
         input_size: list[int],
+        resize: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.preprocess = preprocess
         self.classes = classes
         self.input_size = input_size
+        # A run trained on streamed photos sees its test photos as the centre crop of the photo
+        # resized to this shorter side (Sec. 3.4: 256 for a 224 crop); None: fitted to the input.
+        self.resize = resize
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -50,8 +55,13 @@ class Classifier:
         c, h, w = self.input_size
         image = image.convert("L" if c == 1 else "RGB")
         if image.size != (w, h):
-            scale = max(w / image.width, h / image.height)
-            size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+            if self.resize:
+                low_w = low_h = self.resize
+                scale = self.resize / min(image.size)
+            else:
+                low_w, low_h = w, h
+                scale = max(w / image.width, h / image.height)
+            size = (max(low_w, round(image.width * scale)), max(low_h, round(image.height * scale)))
             image = image.resize(size, Image.BILINEAR)
             left, top = (image.width - w) // 2, (image.height - h) // 2
             image = image.crop((left, top, left + w, top + h))
@@ -76,9 +86,10 @@ def load(run: str | Path) -> Classifier:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"{run / WEIGHTS}: does not match {run / CONFIG} ({first})") from None
-    return Classifier(
-        model, Preprocess(*load_preprocess(run)), saved["classes"], saved["input_size"]
-    )
+    augment = saved.get("augment")
+    resize = round(augment["crop"] * CENTER_RESIZE) if augment else None
+    preprocess = Preprocess(*load_preprocess(run))
+    return Classifier(model, preprocess, saved["classes"], saved["input_size"], resize)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -1,13 +1,15 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import deepres
 from deepres.checkpoint import load_tensors
 from deepres.cli import main
-from deepres.evaluate import evaluate_run
+from deepres.evaluate import center_crop, evaluate_run, resize_shorter
 from deepres.report import read_metrics
 from deepres.train import TrainConfig, load_config, train
 
@@ -57,6 +59,16 @@ def test_eval_of_a_streamed_run_defaults_to_its_centre_view(photo_folder, tmp_pa
     assert result["protocol"] == "center" and result["n"] == 6
     assert result["top1_error"] == pytest.approx(summary["test_error"])
     assert evaluate_run(tmp_path / "run", protocol="center")["top1_error"] == result["top1_error"]
+
+
+def test_a_streamed_run_predicts_on_the_centre_view_it_is_tested_on(photo_folder, tmp_path):
+    train(photo_config(photo_folder, tmp_path / "run"), progress=False)
+    classifier = deepres.load(tmp_path / "run")
+    assert classifier.resize == 37  # 256/224 of the 32-pixel crop
+    photo = Image.open(photo_folder / "val/bees/001.jpg").convert("RGB")
+    view = np.asarray(resize_shorter(photo, 37))
+    expected = center_crop(torch.from_numpy(view.copy()).permute(2, 0, 1), 32)[None]
+    assert photo.size != (37, 37) and torch.equal(classifier.to_tensor(photo), expected)
 
 
 def test_a_streamed_run_resumes_with_exactly_the_same_weights(photo_folder, tmp_path):
