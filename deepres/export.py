@@ -69,6 +69,9 @@ def export_onnx(run: str | Path, path: str | Path) -> Path:
     metadata = {
         "classes": json.dumps(classifier.classes),
         "input_size": json.dumps(classifier.input_size),
+        # How a photo becomes that input: its shorter side resized to this, then the centre
+        # crop (null: resized to cover the input size, then cropped).
+        "resize": json.dumps(classifier.resize),
         "input": "uint8 images [batch, channels, height, width], RGB or gray, 0-255",
         "output": "class probabilities [batch, classes], in the order of classes",
     }
