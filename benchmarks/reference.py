@@ -162,6 +162,16 @@ def pad_crop_flip(image: Image.Image, pad: int = 4) -> Image.Image:
     return image
 
 
+def unpacked_train_folder(data: str, tmp: str) -> Path:
+    """The training class folders of data, a zip unpacked into tmp first, as a user would."""
+    root = Path(data)
+    if zipfile.is_zipfile(root):
+        with zipfile.ZipFile(root) as archive:
+            archive.extractall(tmp)
+        root = Path(tmp)
+    return find_train_folder(root)
+
+
 def find_train_folder(root: Path) -> Path:
     """root/train, or <wrapper>/train, or root itself when it holds the class folders."""
     for candidate in [root / "train", *sorted(root.glob("*/train"))]:
@@ -280,12 +290,7 @@ def load_reference(
     window = batches // windows
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
         start = time.perf_counter()
-        root = Path(data)
-        if zipfile.is_zipfile(root):
-            with zipfile.ZipFile(root) as archive:
-                archive.extractall(tmp)
-            root = Path(tmp)
-        root = find_train_folder(root)
+        root = unpacked_train_folder(data, tmp)
         setup_seconds = time.perf_counter() - start
         photos = PhotoFolder(root, augment, size, sizes)
         loader = DataLoader(
@@ -349,13 +354,7 @@ def train_reference(
     device = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
         start = time.perf_counter()
-        root = Path(data)
-        if zipfile.is_zipfile(root):
-            # As a user would: unpack once, then read one file per sample.
-            with zipfile.ZipFile(root) as archive:
-                archive.extractall(tmp)
-            root = Path(tmp)
-        root = find_train_folder(root)
+        root = unpacked_train_folder(data, tmp)
         setup_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
