@@ -201,7 +201,8 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     runs = find_runs(args.paths)
     if not runs:
-        raise ValueError(f"{', '.join(map(str, args.paths))}: no run directory (config.json) here")
+        where = ", ".join(map(str, args.paths))
+        raise ValueError(f"{where}: no run directory (config.json, metrics.jsonl) here")
     rows = [run_status(run) for run in runs]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -36,7 +36,11 @@ def run_status(run: Path) -> dict:
     hours so far and, at the speed of its last log record, the hours it has left."""
     run = Path(run)
     saved = read_json(run / CONFIG)
-    iters, batch = saved["recipe"]["iters"], saved["recipe"]["batch_size"]
+    try:
+        model, recipe = saved["model"], saved["recipe"]
+        iters, batch = recipe["iters"], recipe["batch_size"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{run / CONFIG}: not the config of a deepres run") from None
     finished = (run / SUMMARY).is_file()
     state = read_json(run / SUMMARY) if finished else checkpoint_state(run) or {}
     metrics = read_metrics(run)
@@ -46,7 +50,7 @@ def run_status(run: Path) -> dict:
     left = None if finished or not speed else (iters - iteration) * batch / speed / 3600
     return {
         "run": str(run),
-        "model": saved["model"],
+        "model": model,
         "iteration": iteration,
         "iters": iters,
         "finished": finished,
@@ -58,13 +62,9 @@ def run_status(run: Path) -> dict:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """The run directories at or anywhere below the paths, sorted."""
-    runs = set()
-    for path in map(Path, paths):
-        if (path / CONFIG).is_file():
-            runs.add(path)
-        runs.update(config.parent for config in path.rglob(CONFIG))
-    return sorted(runs)
+    """The run directories (config.json beside metrics.jsonl) at or below the paths, sorted."""
+    found = [metrics for path in map(Path, paths) for metrics in path.rglob(METRICS)]
+    return sorted({m.parent for m in found if (m.parent / CONFIG).is_file()})
 
 
 def curve(metrics: list[dict], split: str | None) -> dict:

@@ -467,3 +467,10 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:2] == [str(stopped), "3/8"]
     assert lines[2].split()[1] == "4/4" and lines[2].endswith("done")
+    # Another tool's config.json is no run; one beside a metrics.jsonl is named as not ours.
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"architectures": ["Bert"]}')
+    assert find_runs([tmp_path]) == [stopped, done]
+    (tmp_path / "hf" / "metrics.jsonl").write_text("")
+    assert main(["status", str(tmp_path / "hf")]) == 2
+    assert one_line(capsys).endswith("hf/config.json: not the config of a deepres run")
