@@ -53,19 +53,22 @@ lint: setup
 # takes the next net that is neither finished nor held by the other lane (flock).
 CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
 CAMPAIGN_NETS ?= resnet20 resnet56 plain56 plain20 resnet32 resnet44 resnet110 plain110
-CAMPAIGN_RUNS := runs/reproduce-cifar10-jpeg-train-zip-full
+CAMPAIGN_RUNS ?= runs/reproduce-cifar10-jpeg-train-zip-full
+CAMPAIGN_REPORTS ?= runs/campaign-reports
+CAMPAIGN_LOGS ?= runs/campaign-logs
+CAMPAIGN_BUDGET ?= full
 LANES ?= 2
 LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a training step slowed 4x whenever a
 # test or build shared the cores; passive waits cost about 5% when the machine is idle.
 campaign: setup
-	@mkdir -p $(CAMPAIGN_RUNS)/.locks runs/campaign-logs
+	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@for lane in $$(seq $(LANES)); do \
 	  ( for m in $(CAMPAIGN_NETS); do \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json && continue; \
 	      OMP_NUM_THREADS=$(LANE_THREADS) OMP_WAIT_POLICY=PASSIVE flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
-	        $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget full --val-split 0 \
-	        --models $$m --runs $(CAMPAIGN_RUNS) --out runs/campaign-reports/$$m >> runs/campaign-logs/$$m.log 2>&1; \
+	        $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
+	        --models $$m --runs $(CAMPAIGN_RUNS) --out $(CAMPAIGN_REPORTS)/$$m >> $(CAMPAIGN_LOGS)/$$m.log 2>&1; \
 	      code=$$?; test $$code = 75 && continue; \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign lane $$lane: $$m stopped"; exit 1; }; \
 	    done ) & \
@@ -74,7 +77,6 @@ campaign: setup
 
 # Lands what the campaign finished: each finished net published as NET-cifar10 (once), then
 # Table 6 and Fig. 6 recomputed from all finished nets into docs/results/*-full.
-CAMPAIGN_BUDGET ?= full
 land: setup
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
