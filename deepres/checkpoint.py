@@ -125,11 +125,18 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    return _read(path, load_file), _read(path, _metadata)
+
+
+def _metadata(path: Path) -> dict:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("json", "{}"))
+
+
+def _read(path: Path, reader):
     try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        return tensors, json.loads(meta.get("json", "{}"))
+        return reader(path)
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
@@ -137,14 +144,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def checkpoint_state(run: Path) -> dict | None:
     """The loop state saved with a run's checkpoint (iteration, seconds), no tensor read."""
     path = Path(run) / CHECKPOINT
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta.get("json", "{}"))
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    return _read(path, _metadata) if path.is_file() else None
 
 
 def save_checkpoint(

@@ -474,3 +474,27 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
     (tmp_path / "hf" / "metrics.jsonl").write_text("")
     assert main(["status", str(tmp_path / "hf")]) == 2
     assert one_line(capsys).endswith("hf/config.json: not the config of a deepres run")
+    (stopped / "checkpoint.safetensors").write_bytes(b"not safetensors")
+    assert main(["status", str(stopped)]) == 2
+    assert "checkpoint.safetensors: not a readable safetensors file" in one_line(capsys)
+
+
+def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
+    tiny_folder, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    config = tiny_config(tiny_folder, run, iters=8, log_every=4, eval_every=8)
+    train(config, stop_at=3, progress=False)  # the window of iteration 4 holds 3 steps already
+    # A clock that moves one second per training step: every window runs at one batch a second.
+    clock, step = [0.0], train_module._step
+
+    def timed_step(*args):
+        step(*args)
+        clock[0] += 1.0
+
+    monkeypatch.setattr(train_module, "_step", timed_step)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    train(load_config(run), resume=True, progress=False)
+    records = read_metrics(run)
+    assert [r["iteration"] for r in records] == [4, 8]
+    assert [r["images_per_sec"] for r in records] == [16.0, 16.0]
