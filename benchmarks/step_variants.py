@@ -4,7 +4,11 @@
 
 Each variant is a full SGD step of deepres's net on a CIFAR-shaped batch. The variants take
 turns in rounds (A B C, A B C, ...) so that a load that comes and goes on the machine falls on
-all of them alike; the median over rounds is reported, after a warm-up that includes compiling.
+all of them alike, the order reversed every other round; the median over rounds is reported,
+after a warm-up that includes compiling. `--clock cpu` times each round by the process's CPU
+time instead of the wall clock: on a machine shared with other jobs (the campaign's lanes) it
+leaves out the time the benchmark waits for a core, so with OMP_NUM_THREADS=1 it still compares
+single-thread variants fairly.
 - eager: the default training step (channels_last, as `deepres train` runs it)
 - eager_nchw: the same in the contiguous layout
 - compile_model: torch.compile of the net alone, as `deepres train --compile` does
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     variants = args.variants.split(",")
     steps, warmup = {}, {}
@@ -71,12 +76,13 @@ def main() -> None:
             steps[v]()
         warmup[v] = time.perf_counter() - start
     rates: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for v in variants:
-            start = time.perf_counter()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    for r in range(args.rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            start = clock()
             for _ in range(args.steps):
                 steps[v]()
-            rates[v].append(args.steps * args.batch_size / (time.perf_counter() - start))
+            rates[v].append(args.steps * args.batch_size / (clock() - start))
     medians = {v: statistics.median(r) for v, r in rates.items()}
     print(
         json.dumps(
@@ -86,6 +92,8 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "steps_per_round": args.steps,
                 "rounds": args.rounds,
+                "clock": args.clock,
+                "threads": torch.get_num_threads(),
                 "images_per_sec": {v: round(m, 1) for v, m in medians.items()},
                 "relative_to_eager": {
                     v: round(m / medians["eager"], 3)
