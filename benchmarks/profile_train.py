@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/profile_train.py --model resnet20 --iters 20
 
 Runs deepres's own data path (device-resident uint8 images, batched crop and flip) and step
-on random CIFAR-shaped data; the split is by the self time of each operator.
+on random CIFAR-shaped data; the split is by the self time of each operator. The convolutions'
+rate (their forward and backward FLOPs from PyTorch's flop counter over their profiled time)
+says how close the step is to the CPU's peak: with OMP_NUM_THREADS=1, compare it with one
+core's FMA peak (clock x FLOPs per cycle).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import json
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepres import create_model
 from deepres.data.loader import BatchStream, Preprocess
+from deepres.provenance import machine
 
 # First match wins: the optimizer's _foreach_add_ must not count as a residual addition.
 KINDS = {
@@ -86,9 +91,14 @@ def main() -> None:
 
     for i in range(3):
         step(i)
+    with FlopCounterMode(display=False) as counter:
+        step(3)
+    conv_flops = sum(
+        n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)
+    )
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(args.iters):
-            step(3 + i)
+            step(4 + i)
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         kind = kind_of(event.key)
@@ -103,9 +113,13 @@ def main() -> None:
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "seconds_per_step": whole / args.iters,
+                "convolution_gflop_per_sec": round(
+                    conv_flops * args.iters / totals["convolution"] / 1e9, 1
+                ),
                 "share": {
                     k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
                 },
+                "machine": machine(),
             },
             indent=2,
         )
