@@ -19,7 +19,7 @@ from tqdm import tqdm
 from deepres.checkpoint import CONFIG, read_json
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
-from deepres.data.readers import NAMED_DATA, read_full_size
+from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
 from deepres.inference import load
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
@@ -234,9 +234,9 @@ def evaluate_run(
     classifier = load(run)
     saved = read_json(run / CONFIG)
     config = saved["config"]
-    given, data = data is not None, data or config["data"]
+    given = data is not None
+    data = data or locate_data(config["data"], saved.get("data_path"))
     if not given and data not in NAMED_DATA and not Path(data).expanduser().exists():
-        # The path was recorded as given, relative to where the run was trained.
         raise FileNotFoundError(
             f"{run}: its training data {data} is not found from {Path.cwd()}; pass --data PATH"
         )

@@ -100,7 +100,8 @@ def style_axes(ax, title: str = "") -> None:
     ax.set_ylabel("error (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # a run stopped before its first log has no curve
+        ax.legend(fontsize=8)
 
 
 def plot_run(run: Path) -> Path:

@@ -47,6 +47,7 @@ from deepres.checkpoint import (
 from deepres.data import ImageDataset, available_splits, open_dataset
 from deepres.data.augment import Augment
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
+from deepres.data.readers import absolute_data, locate_data
 from deepres.data.stream import (
     PhotoStream,
     default_workers,
@@ -421,6 +422,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
                 "n_train": n_train,
                 "eval_split": eval_split,
                 "data_source": source,
+                # config.data stays as given; this finds the data from another folder.
+                "data_path": absolute_data(config.data),
                 "augment": asdict(augment) if streaming else None,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
@@ -711,4 +714,5 @@ def load_config(run: Path) -> TrainConfig:
     saved = read_json(Path(run) / CONFIG)
     # Older config.json files record out too: the directory given wins.
     known = {f.name for f in fields(TrainConfig)} - {"out"}
-    return TrainConfig(**{k: v for k, v in saved["config"].items() if k in known}, out=str(run))
+    config = TrainConfig(**{k: v for k, v in saved["config"].items() if k in known}, out=str(run))
+    return replace(config, data=locate_data(config.data, saved.get("data_path")))

@@ -101,7 +101,47 @@ def test_a_relative_data_path_missing_from_here_asks_for_data(bare_run, tiny_fol
     shutil.copytree(bare_run, moved)
     saved = json.loads((moved / "config.json").read_text())
     saved["config"]["data"] = "../somewhere/train"
+    del saved["data_path"]  # as in runs trained before it was recorded
     (moved / "config.json").write_text(json.dumps(saved))
     with pytest.raises(FileNotFoundError, match=r"training data \.\./somewhere/train is not found"):
         evaluate_run(moved)
     assert evaluate_run(moved, str(tiny_folder / "test"))["n"] == 18
+
+
+def test_a_run_given_a_relative_path_finds_its_data_from_another_folder(
+    tiny_folder, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "data" / "colours"
+    shutil.copytree(tiny_folder, data)
+    monkeypatch.chdir(data.parent)
+    run = tmp_path / "run"
+    config = TrainConfig(
+        model="resnet20",
+        data="colours",
+        out=str(run),
+        iters=4,
+        batch_size=16,
+        width=4,
+        checkpoint_every=2,
+        device="cpu",
+        precision="fp32",
+    )
+    train(config, stop_at=2, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # Resumed and evaluated from a folder where "colours" means nothing.
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["n"] == 18
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["data"] == "colours" and saved["data_path"] == str(data)
+    # With the data gone from both places, one line asks for --data; the run is untouched.
+    shutil.rmtree(data)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "colours" in err and "--data" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -63,6 +63,23 @@ _NAMED = {
     ),
 }
 NAMED_DATA = frozenset(_NAMED)  # data given by name, not by path
+
+
+def absolute_data(data: str) -> str:
+    """The data's absolute path (a named data set keeps its name), recorded beside the given."""
+    return data if data in NAMED_DATA else str(Path(data).expanduser().resolve())
+
+
+def locate_data(given: str, absolute: str | None) -> str:
+    """A run's training data: the path as given where it is found from here, else the absolute
+    path recorded at training where that is found, else as given (for the caller's error)."""
+    if given in NAMED_DATA or Path(given).expanduser().exists():
+        return given
+    if absolute and Path(absolute).exists():
+        return absolute
+    return given
+
+
 _EXPECTED = (
     "expected fashion-mnist, mnist, a folder of IDX files, CIFAR-10/100 in the python or"
     " binary format (folder or .tar.gz), or an image folder (folder or .zip) of"
