@@ -84,8 +84,10 @@ def publish(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    # A shipped net does not know where it was trained: drop the run's own directory.
+    # A shipped net does not know where it was trained: drop the run's own directory and the
+    # machine's absolute path to the data (the path as given stays, as provenance).
     saved["config"].pop("out", None)
+    saved.pop("data_path", None)
     write_json(out / CONFIG, saved)
     shutil.copyfile(run / PREPROCESS, out / PREPROCESS)
     save_tensors(out / WEIGHTS, weights)
