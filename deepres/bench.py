@@ -27,7 +27,7 @@ from deepres.checkpoint import read_json, write_json
 from deepres.data import open_dataset
 from deepres.data.augment import Augment, Lighting
 from deepres.data.loader import Preprocess, split_train_val
-from deepres.data.stream import PhotoStream, open_image_files
+from deepres.data.stream import ImageFiles, PhotoStream, open_image_files
 from deepres.inference import fold_batchnorm
 from deepres.models import create_model, model_family
 from deepres.provenance import machine
@@ -256,7 +256,7 @@ class DataBench:
     device: str = "cpu"
 
 
-def bench_stream(files, augment: Augment, config: DataBench) -> list[float]:
+def bench_stream(files: ImageFiles, augment: Augment, config: DataBench) -> list[float]:
     """deepres's side: images/s of each window of PhotoStream batches, normalised, with lighting."""
     # Statistics of roughly ImageNet's size: their values do not change the work.
     preprocess = Preprocess(torch.full((3, 1, 1), 0.45), torch.full((3, 1, 1), 0.25))

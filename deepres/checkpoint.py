@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ def _cannot_write(path: Path, err: OSError) -> OSError:
     return OSError(f"{path}: cannot write ({err.strerror or err})")
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(temp_path), fsync the result, then rename it over path.
 
     Any OSError becomes one naming path; the temp file is removed and path is left as it was.
@@ -110,7 +111,9 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     """Write tensors to a safetensors file atomically; metadata is stored as JSON."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"json": json.dumps(metadata)} if metadata is not None else None

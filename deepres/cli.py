@@ -45,6 +45,7 @@ def _model_options(args: argparse.Namespace, name: str) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
+    """deepres models: the table of nets (or JSON), with their sizes."""
     names = args.names or list_models()
     rows = [model_stats(n, create_model(n, **_model_options(args, n))) for n in names]
     if args.json:
@@ -57,6 +58,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """deepres train: a new run, or --resume of a stopped one."""
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
         # than silently ignored. --lr (after a divergence) may change, and how it runs: the
@@ -124,6 +126,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """deepres eval: top-1/top-5 error of a run or shipped net under a protocol."""
     try:
         scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
     except ValueError:
@@ -153,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    """deepres predict: the most likely classes of each image (--top of them)."""
     classifier = load(args.run)
     paths = [p for arg in args.images for p in (image_files(arg) if arg.is_dir() else [arg])]
     for path in paths:
@@ -165,10 +169,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """deepres export: a run as ONNX, preprocessing included."""
     print(f"{args.run}: exported to {export_onnx(args.run, args.onnx)}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
+    """deepres reproduce: one of the paper's experiments, report and figure."""
     models = args.models.split(",") if args.models else None
     command = "deepres " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = reproduce(
@@ -190,15 +196,18 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
+    """deepres publish: ship a finished run's net by name."""
     entry = publish(args.run, args.name, args.command_that_trained, bf16=args.bf16 or None)
     print(json.dumps(entry, indent=2))
 
 
 def cmd_pretrained(args: argparse.Namespace) -> None:
+    """deepres pretrained: the shipped nets."""
     print("\n".join(describe()) or "no shipped nets")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    """deepres status: where each run below the folders stands."""
     runs = find_runs(args.paths)
     if not runs:
         where = ", ".join(map(str, args.paths))
@@ -225,6 +234,7 @@ def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> No
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
+    """deepres bench train: deepres's training against the reference."""
     config = TrainBench(
         model=args.model,
         data=args.data,
@@ -255,6 +265,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> None:
+    """deepres bench infer: deepres's inference against the reference."""
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     r = run_infer_benchmark(
         args.model, sizes, args.iters, args.device, args.image_size, args.command_line
@@ -272,6 +283,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> None:
+    """deepres bench data: the streaming photo loader against the reference."""
     config = DataBench(
         data=args.data,
         batches=args.batches,

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 
 from deepres.checkpoint import (  # noqa: E402
     CONFIG,
@@ -78,7 +79,7 @@ def curve(metrics: list[dict], split: str | None) -> dict:
     }
 
 
-def plot_curves(ax, curve: dict, label: str) -> None:
+def plot_curves(ax: Axes, curve: dict, label: str) -> None:
     """Training error dashed, evaluation error solid, error % against iterations (Fig. 6)."""
     (line,) = ax.plot(curve["iteration"], curve["train_error"], "--", lw=1)
     if curve["eval_iteration"]:
@@ -94,7 +95,7 @@ def plot_curves(ax, curve: dict, label: str) -> None:
         line.set_label(label)
 
 
-def style_axes(ax, title: str = "") -> None:
+def style_axes(ax: Axes, title: str = "") -> None:
     """The paper's axes: iterations on x, error % on y."""
     ax.set_xlabel("iter.")
     ax.set_ylabel("error (%)")

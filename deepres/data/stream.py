@@ -179,7 +179,9 @@ def _folder_split(spec: str, split: str):
         return None
 
 
-def open_image_files(spec: str, split: str = "train", classes: list[str] | None = None):
+def open_image_files(
+    spec: str, split: str = "train", classes: list[str] | None = None
+) -> ImageFiles:
     """The photos of a split of an image folder or of tar shards, listed, not decoded."""
     shards = _shard_layout(spec)
     if shards is not None:

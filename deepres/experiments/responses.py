@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from deepres.data import available_splits, open_dataset
@@ -28,7 +30,7 @@ def response_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def layer_stds(model: torch.nn.Module, batches) -> list[float]:
+def layer_stds(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
     """Std of each layer's response over all images, channels and positions, via hooks."""
     layers = response_layers(model)
     sums = torch.zeros(len(layers), 3, dtype=torch.float64)
