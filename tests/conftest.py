@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepres.train import TrainConfig
+
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 
@@ -27,6 +29,25 @@ def shipped_nets_untouched():
     before = _files(SHIPPED)
     yield
     assert _files(SHIPPED) == before, f"a test wrote into {SHIPPED}"
+
+
+def tiny_config(data, out, **overrides) -> TrainConfig:
+    """The tests' run: a width-4 ResNet-20, a dozen deterministic CPU iterations; any field
+    can be overridden."""
+    base = dict(
+        model="resnet20",
+        data=str(data),
+        out=str(out),
+        iters=12,
+        batch_size=16,
+        width=4,
+        log_every=2,
+        eval_every=4,
+        checkpoint_every=4,
+        deterministic=True,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **overrides})
 
 
 def write_folder(root: Path, per_class: int, size: int = 12, seed: int = 0) -> Path:

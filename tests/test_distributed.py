@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from conftest import tiny_config
 
 import deepres
 from deepres.report import read_metrics
-from deepres.train import TrainConfig, train
+from deepres.train import train
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -47,18 +48,7 @@ def test_two_processes_train_one_run(tiny_folder, tmp_path):
 
 def test_a_single_process_run_resumes_under_torchrun(tiny_folder, tmp_path):
     run = tmp_path / "resumed"
-    config = TrainConfig(
-        model="resnet20",
-        data=str(tiny_folder),
-        out=str(run),
-        iters=6,
-        batch_size=16,
-        width=4,
-        log_every=2,
-        checkpoint_every=2,
-        deterministic=True,
-        device="cpu",
-    )
+    config = tiny_config(tiny_folder, run, iters=6, checkpoint_every=2)
     train(config, stop_at=3, progress=False)  # mid-window: iteration 3 is in the saved sums
     done = torchrun("train", "--resume", str(run), "--quiet")
     assert done.returncode == 0, done.stderr

@@ -4,27 +4,19 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_config
 
 from deepres.checkpoint import load_tensors, save_tensors
 from deepres.cli import main
 from deepres.evaluate import evaluate_run
-from deepres.train import TrainConfig, train
+from deepres.train import train
 
 
 @pytest.fixture(scope="module")
 def bare_run(tiny_folder, tmp_path_factory):
     """A run trained on a bare <class>/ folder: training images only, no test split."""
     run = tmp_path_factory.mktemp("bare") / "run"
-    config = TrainConfig(
-        model="resnet20",
-        data=str(tiny_folder / "train"),
-        out=str(run),
-        iters=6,
-        batch_size=16,
-        width=4,
-        device="cpu",
-        precision="fp32",
-    )
+    config = tiny_config(tiny_folder / "train", run, iters=6, precision="fp32")
     train(config, progress=False)
     return run
 
@@ -115,17 +107,7 @@ def test_a_run_given_a_relative_path_finds_its_data_from_another_folder(
     shutil.copytree(tiny_folder, data)
     monkeypatch.chdir(data.parent)
     run = tmp_path / "run"
-    config = TrainConfig(
-        model="resnet20",
-        data="colours",
-        out=str(run),
-        iters=4,
-        batch_size=16,
-        width=4,
-        checkpoint_every=2,
-        device="cpu",
-        precision="fp32",
-    )
+    config = tiny_config("colours", run, iters=4, checkpoint_every=2, precision="fp32")
     train(config, stop_at=2, progress=False)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from torch import nn
 
@@ -27,7 +28,7 @@ from deepres.evaluate import (
     resize_shorter,
 )
 from deepres.models import create_model
-from deepres.train import TrainConfig, train
+from deepres.train import train
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera.zip"
 # Images of mixed sizes and aspects, as photos come: (width, height).
@@ -249,18 +250,8 @@ def test_read_full_size_of_a_fixed_size_format(tmp_path):
 @pytest.fixture(scope="module")
 def mixed_run(mixed_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "mixed"
-    config = TrainConfig(
-        model="resnet20",
-        data=str(mixed_folder),
-        out=str(out),
-        iters=2,
-        batch_size=4,
-        width=4,
-        image_size=8,
-        normalize="channel",
-        val_split=4,
-        deterministic=True,
-        device="cpu",
+    config = tiny_config(
+        mixed_folder, out, iters=2, batch_size=4, image_size=8, normalize="channel", val_split=4
     )
     train(config, progress=False)
     return out

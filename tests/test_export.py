@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 import deepres
 from deepres.cli import main
 from deepres.data import open_dataset
-from deepres.train import TrainConfig, train
+from deepres.train import train
 
 CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.zip"
 
@@ -34,16 +35,7 @@ def test_onnx_export_matches_deepres_on_real_images(cifar_folder, tmp_path, caps
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (dev extras)")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (dev extras)")
     run = tmp_path / "run"
-    config = TrainConfig(
-        model="resnet20",
-        data=str(cifar_folder),
-        out=str(run),
-        iters=2,
-        batch_size=16,
-        width=4,
-        device="cpu",
-        precision="fp32",
-    )
+    config = tiny_config(cifar_folder, run, iters=2, precision="fp32")
     train(config, progress=False)
     path = tmp_path / "model.onnx"
     assert main(["export", str(run), "--onnx", str(path)]) == 0

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 
 from deepres.checkpoint import WEIGHTS, load_tensors, save_tensors
 from deepres.cli import main
@@ -133,18 +134,7 @@ def test_freeze_backbone_leaves_every_other_parameter_and_bn_buffer_unchanged():
 
 
 def finetune_config(folder, out, **kw) -> TrainConfig:
-    base = dict(
-        model="resnet20",
-        data=str(folder),
-        out=str(out),
-        iters=4,
-        batch_size=16,
-        width=4,
-        checkpoint_every=2,
-        deterministic=True,
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **kw})
+    return tiny_config(folder, out, **{"iters": 4, "checkpoint_every": 2, **kw})
 
 
 def test_train_init_freeze_backbone_and_resume(tiny_folder, tmp_path):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 import deepres
@@ -9,23 +10,12 @@ from deepres.checkpoint import WEIGHTS, load_tensors
 from deepres.cli import main
 from deepres.evaluate import evaluate_run
 from deepres.pretrained import manifest, publish, resolve_run, sha256
-from deepres.train import TrainConfig, train
+from deepres.train import train
 
 
 def tiny_run(folder, out, stop_at=None):
     """A 4-iteration ResNet-20 of width 4 on the tiny colour folder, stopped at stop_at."""
-    config = TrainConfig(
-        model="resnet20",
-        data=str(folder),
-        out=str(out),
-        iters=4,
-        batch_size=16,
-        width=4,
-        log_every=2,
-        checkpoint_every=2,
-        device="cpu",
-    )
-    train(config, stop_at=stop_at, progress=False)
+    train(tiny_config(folder, out, iters=4, checkpoint_every=2), stop_at=stop_at, progress=False)
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 import deepres
@@ -20,23 +21,6 @@ from deepres.models import create_model
 from deepres.recipes import RECIPES, default_recipe, get_recipe
 from deepres.report import find_runs, read_metrics, run_status
 from deepres.train import Diverged, TrainConfig, load_config, resolve_precision, train
-
-
-def tiny_config(folder, out, **kw) -> TrainConfig:
-    base = dict(
-        model="resnet20",
-        data=str(folder),
-        out=str(out),
-        iters=12,
-        batch_size=16,
-        width=4,
-        log_every=2,
-        eval_every=4,
-        checkpoint_every=4,
-        deterministic=True,
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **kw})
 
 
 def comparable(metrics):

@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 import deepres
@@ -17,8 +18,6 @@ from deepres.train import TrainConfig, load_config, train
 def photo_config(folder, out, **kw) -> TrainConfig:
     base = dict(
         model="resnet18",
-        data=str(folder),
-        out=str(out),
         iters=6,
         batch_size=8,
         # Not 4: torch 2.13's CPU kernel for a channels_last 1x1 stride-2 convolution from 4
@@ -26,13 +25,8 @@ def photo_config(folder, out, **kw) -> TrainConfig:
         width=8,
         crop_size=32,
         workers=0,
-        log_every=2,
-        eval_every=4,
-        checkpoint_every=4,
-        deterministic=True,
-        device="cpu",
     )
-    return TrainConfig(**{**base, **kw})
+    return tiny_config(folder, out, **{**base, **kw})
 
 
 def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_folder, tmp_path):
