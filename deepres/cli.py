@@ -216,15 +216,16 @@ def cmd_status(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    head = ("iteration", "train err %", "hours", "images/s", "left h")
-    print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>10}{head[4]:>8}")
+    head = ("iteration", "train err %", "lr", "hours", "images/s", "left h")
+    print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>8}{head[4]:>10}{head[5]:>8}")
     for r in rows:
         done = f"{r['iteration']:,}/{r['iters']:,}"
         err = "-" if r["train_error"] is None else f"{r['train_error']:.2f}"
+        lr = "-" if r["lr"] is None else f"{r['lr']:.3g}"
         speed = "-" if r["images_per_sec"] is None else f"{r['images_per_sec']:.0f}"
         left = "-" if r["hours_left"] is None else f"{r['hours_left']:.1f}"
         left = "done" if r["finished"] else left
-        print(f"{r['run']:<48}{done:>18}{err:>13}{r['hours']:>8.2f}{speed:>10}{left:>8}")
+        print(f"{r['run']:<48}{done:>18}{err:>13}{lr:>8}{r['hours']:>8.2f}{speed:>10}{left:>8}")
 
 
 def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> None:

@@ -33,8 +33,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def run_status(run: Path) -> dict:
-    """Where a run stands: the iteration it would resume from, its last training error, its
-    hours so far and, at the speed of its last log record, the hours it has left."""
+    """Where a run stands: the iteration it would resume from, its last training error and
+    learning rate, its hours so far and, at its recent speed, the hours it has left."""
     run = Path(run)
     saved = read_json(run / CONFIG)
     try:
@@ -47,7 +47,12 @@ def run_status(run: Path) -> dict:
     metrics = read_metrics(run)
     last = metrics[-1] if metrics else {}
     iteration = state.get("iteration", 0)
-    speed = state.get("images_per_sec") if finished else last.get("images_per_sec")
+    # Over the last 10 log windows, time-weighted: one window slowed by a test run beside it
+    # does not swing the estimate of a run with many hours left.
+    recent = [m["images_per_sec"] for m in metrics[-10:] if m.get("images_per_sec")]
+    speed = len(recent) / sum(1 / s for s in recent) if recent else None
+    if finished:
+        speed = state.get("images_per_sec")
     left = None if finished or not speed else (iters - iteration) * batch / speed / 3600
     return {
         "run": str(run),
@@ -56,6 +61,7 @@ def run_status(run: Path) -> dict:
         "iters": iters,
         "finished": finished,
         "train_error": last.get("train_error"),
+        "lr": last.get("lr"),
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,
         "hours_left": left,

@@ -444,7 +444,12 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
     # The checkpoint's iteration (3), not the last log record's (2): where a resume starts.
     assert (now["iteration"], now["iters"], now["finished"]) == (3, 8, False)
     assert now["train_error"] == last["train_error"] and now["hours"] > 0
+    assert now["lr"] == last["lr"] == 0.1
     assert now["hours_left"] == pytest.approx(5 * 16 / last["images_per_sec"] / 3600)
+    # Over several windows the speed is time-weighted: windows of 100 and 300 images/s, 150.
+    windows = [{**last, "images_per_sec": speed} for speed in (100.0, 300.0)]
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in windows))
+    assert run_status(stopped)["hours_left"] == pytest.approx(5 * 16 / 150 / 3600)
     finished = run_status(done)
     assert (finished["iteration"], finished["finished"], finished["hours_left"]) == (4, True, None)
     assert main(["status", str(tmp_path)]) == 0
