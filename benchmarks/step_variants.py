@@ -11,6 +11,9 @@ leaves out the time the benchmark waits for a core, so with OMP_NUM_THREADS=1 it
 single-thread variants fairly.
 - eager: the default training step (channels_last, as `deepres train` runs it)
 - eager_nchw: the same in the contiguous layout
+- eager_pool: the same with option A subsampling by a 1x1 average pool instead of the slice
+  x[:, :, ::2, ::2]: equal values, but a gradient that stays channels_last (a lead that
+  measured inside the noise, README "Performance")
 - compile_model: torch.compile of the net alone, as `deepres train --compile` does
 - compile_loss: torch.compile of the net and the loss together, the form a synthetic
   benchmark usually takes
@@ -27,9 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from deepres import create_model
+from deepres.models.blocks import ZeroPadShortcut
 from deepres.provenance import machine
 
-VARIANTS = ("eager", "eager_nchw", "compile_model", "compile_loss")
+VARIANTS = ("eager", "eager_nchw", "eager_pool", "compile_model", "compile_loss")
+
+
+class PoolShortcut(ZeroPadShortcut):
+    """Option A subsampling by a 1x1 pool, whose backward keeps the channels_last layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, 1, self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
 def make_step(variant: str, model_name: str, batch_size: int):
@@ -38,6 +51,10 @@ def make_step(variant: str, model_name: str, batch_size: int):
     channels_last = variant != "eager_nchw"
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(model_name).to(memory_format=layout)
+    if variant == "eager_pool":
+        for block in model.modules():
+            if isinstance(block, ZeroPadShortcut):
+                block.__class__ = PoolShortcut
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,))

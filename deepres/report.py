@@ -47,13 +47,14 @@ def run_status(run: Path) -> dict:
     metrics = read_metrics(run)
     last = metrics[-1] if metrics else {}
     iteration = state.get("iteration", 0)
-    # Over the last 10 log windows, time-weighted: one window slowed by a test run beside it
-    # does not swing the estimate of a run with many hours left.
-    recent = [m["images_per_sec"] for m in metrics[-10:] if m.get("images_per_sec")]
-    speed = len(recent) / sum(1 / s for s in recent) if recent else None
     if finished:
-        speed = state.get("images_per_sec")
-    left = None if finished or not speed else (iters - iteration) * batch / speed / 3600
+        speed, left = state.get("images_per_sec"), None
+    else:
+        # Over the last 10 log windows, time-weighted: one window slowed by a test run beside
+        # it does not swing the estimate of a run with many hours left.
+        recent = [m["images_per_sec"] for m in metrics[-10:] if m.get("images_per_sec")]
+        speed = len(recent) / sum(1 / s for s in recent) if recent else None
+        left = (iters - iteration) * batch / speed / 3600 if speed else None
     return {
         "run": str(run),
         "model": model,
