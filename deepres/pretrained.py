@@ -22,7 +22,7 @@ from deepres.checkpoint import (
     write_json,
 )
 from deepres.models import count_params, create_model
-from deepres.report import read_metrics
+from deepres.report import final_training, read_metrics
 
 SHIPPED = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
@@ -91,9 +91,6 @@ def publish(
     write_json(out / CONFIG, saved)
     shutil.copyfile(run / PREPROCESS, out / PREPROCESS)
     save_tensors(out / WEIGHTS, weights)
-    # Deferred: deepres.experiments imports the training loop, which the readers need not.
-    from deepres.experiments.common import final_training
-
     metrics = read_metrics(run)
     train_error, train_loss = final_training(metrics)
     entry = {

@@ -32,9 +32,25 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def final_training(metrics: list[dict]) -> tuple[float, float]:
+    """Training error (%) and loss at the end of a run: the mean over its last 1/128.
+
+    A log record covers 50 augmented batches; at the full budget the last 1/128 is 500
+    iterations (64,000 images), which steadies the number without reaching back past the
+    last learning-rate step. At shorter budgets it is the last record alone.
+    """
+    last = metrics[-1]["iteration"]
+    tail = [m for m in metrics if m["iteration"] > last - max(1, last // 128)] or metrics[-1:]
+    images = sum(m["images"] for m in tail)
+    error = sum(m["train_error"] * m["images"] for m in tail) / images
+    loss = sum(m["train_loss"] * m["images"] for m in tail) / images
+    return error, loss
+
+
 def run_status(run: Path) -> dict:
-    """Where a run stands: the iteration it would resume from, its last training error and
-    learning rate, its hours so far and, at its recent speed, the hours it has left."""
+    """Where a run stands: the iteration it would resume from, its training error (as the
+    reports take it) and learning rate, its hours so far and, at its recent speed, the hours
+    it has left."""
     run = Path(run)
     saved = read_json(run / CONFIG)
     try:
@@ -61,7 +77,7 @@ def run_status(run: Path) -> dict:
         "iteration": iteration,
         "iters": iters,
         "finished": finished,
-        "train_error": last.get("train_error"),
+        "train_error": final_training(metrics)[0] if metrics else None,
         "lr": last.get("lr"),
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,

@@ -8,10 +8,10 @@ from conftest import write_folder
 from deepres import train as train_module
 from deepres.cli import main
 from deepres.experiments import reproduce
-from deepres.experiments.common import BUDGETS, Context, ensure_run, final_training
+from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
-from deepres.report import read_metrics
+from deepres.report import final_training, read_metrics
 from deepres.train import load_config, train
 
 

@@ -450,6 +450,13 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
     windows = [{**last, "images_per_sec": speed} for speed in (100.0, 300.0)]
     (stopped / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in windows))
     assert run_status(stopped)["hours_left"] == pytest.approx(5 * 16 / 150 / 3600)
+    # The training error is the reports' (final_training): over the last 1/128 of the run.
+    windows = [
+        {**last, "iteration": i, "train_error": e, "images": n}
+        for i, e, n in ((200, 50.0, 100), (255, 10.0, 100), (256, 20.0, 300))
+    ]
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in windows))
+    assert run_status(stopped)["train_error"] == pytest.approx(17.5)
     finished = run_status(done)
     assert (finished["iteration"], finished["finished"], finished["hours_left"]) == (4, True, None)
     assert main(["status", str(tmp_path)]) == 0

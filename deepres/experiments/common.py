@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
 from deepres.models import count_params, create_model
-from deepres.report import curve, read_metrics
+from deepres.report import curve, final_training, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
 
 
@@ -103,21 +103,6 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
         raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
     train(config, progress=ctx.progress)
     return run
-
-
-def final_training(metrics: list[dict]) -> tuple[float, float]:
-    """Training error (%) and loss at the end of a run: the mean over its last 1/128.
-
-    A log record covers 50 augmented batches; at the full budget the last 1/128 is 500
-    iterations (64,000 images), which steadies the number without reaching back past the
-    last learning-rate step. At shorter budgets it is the last record alone.
-    """
-    last = metrics[-1]["iteration"]
-    tail = [m for m in metrics if m["iteration"] > last - max(1, last // 128)] or metrics[-1:]
-    images = sum(m["images"] for m in tail)
-    error = sum(m["train_error"] * m["images"] for m in tail) / images
-    loss = sum(m["train_loss"] * m["images"] for m in tail) / images
-    return error, loss
 
 
 def run_result(run: Path) -> dict:
