@@ -1,3 +1,4 @@
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +6,9 @@ import pytest
 from PIL import Image
 
 from deepres.train import TrainConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_JPEGS = SHARED_DATA / "cifar10-jpeg-train.zip"
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -95,4 +99,21 @@ def photo_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("photos") / "hymenoptera"
     write_photos(root / "train", per_class=12, seed=0)
     write_photos(root / "val", per_class=3, seed=1)
+    return root
+
+
+def cifar_jpeg_folder(root: Path, per_class: int, classes: tuple[str, ...] | None = None) -> Path:
+    """ROOT/<class>/*.jpg: the first per_class real CIFAR-10 JPEGs of each class (or of
+    `classes`) from ../shared/data; skips the test when the zip is absent."""
+    if not CIFAR_JPEGS.is_file():
+        pytest.skip(f"{CIFAR_JPEGS} is absent (real data lives in ../shared/data)")
+    with zipfile.ZipFile(CIFAR_JPEGS) as archive:
+        by_class: dict[str, list[str]] = {}
+        for name in archive.namelist():
+            if name.endswith(".jpg"):
+                by_class.setdefault(Path(name).parent.name, []).append(name)
+        for name in classes or sorted(by_class):
+            (root / name).mkdir(parents=True)
+            for jpeg in sorted(by_class[name])[:per_class]:
+                (root / name / Path(jpeg).name).write_bytes(archive.read(jpeg))
     return root

@@ -1,33 +1,21 @@
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import cifar_jpeg_folder, tiny_config
 
 import deepres
 from deepres.cli import main
 from deepres.data import open_dataset
 from deepres.train import train
 
-CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.zip"
-
 
 @pytest.fixture(scope="module")
 def cifar_folder(tmp_path_factory) -> Path:
     """24 real CIFAR-10 JPEGs, 8 of each of 3 classes, as <class>/*.jpg."""
-    if not CIFAR_JPEGS.is_file():
-        pytest.skip(f"{CIFAR_JPEGS} is absent (real data lives in ../shared/data)")
-    root = tmp_path_factory.mktemp("cifar")
-    with zipfile.ZipFile(CIFAR_JPEGS) as archive:
-        for name in ("airplane", "cat", "ship"):
-            jpegs = sorted(n for n in archive.namelist() if n.startswith(f"train/{name}/"))[:8]
-            (root / name).mkdir()
-            for jpeg in jpegs:
-                (root / name / Path(jpeg).name).write_bytes(archive.read(jpeg))
-    return root
+    return cifar_jpeg_folder(tmp_path_factory.mktemp("cifar"), 8, ("airplane", "cat", "ship"))
 
 
 def test_onnx_export_matches_deepres_on_real_images(cifar_folder, tmp_path, capsys):

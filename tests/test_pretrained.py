@@ -1,10 +1,8 @@
 import json
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import cifar_jpeg_folder, tiny_config
 from PIL import Image
 
 import deepres
@@ -92,10 +90,9 @@ def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path,
     assert "no such run directory, nor a shipped net" in capsys.readouterr().err
 
 
-# ---- the nets deepres ships (none until the campaign of issue 9 lands one)
+# ---- the nets deepres ships (deepres/weights, landed by issue 9's campaign)
 
 SHIPPED_NETS = manifest()
-CIFAR_JPEGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.zip"
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_NETS))
@@ -112,15 +109,7 @@ def test_each_shipped_net_is_the_net_its_manifest_names(name):
     sorted(n for n, e in SHIPPED_NETS.items() if "cifar10-jpeg-train" in json.dumps(e["data"])),
 )
 def test_a_shipped_cifar10_net_classifies_the_images_it_trained_on(name, tmp_path):
-    if not CIFAR_JPEGS.is_file():
-        pytest.skip(f"{CIFAR_JPEGS} is absent (real data lives in ../shared/data)")
-    with zipfile.ZipFile(CIFAR_JPEGS) as archive:
-        for jpeg in archive.namelist():
-            # The first 50 of each class: train/<class>/00NN.jpg.
-            if jpeg.endswith(".jpg") and Path(jpeg).name < "0050.jpg":
-                path = tmp_path / Path(jpeg).parent.name / Path(jpeg).name
-                path.parent.mkdir(exist_ok=True)
-                path.write_bytes(archive.read(jpeg))
+    cifar_jpeg_folder(tmp_path, 50)
     result = evaluate_run(name, str(tmp_path))
     assert result["n"] == 500
     # Clean views in eval mode do at least about as well as the augmented batches the training
