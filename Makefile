@@ -76,7 +76,7 @@ campaign: setup
 	done; wait
 
 # Lands what the campaign finished: each finished net published as NET-cifar10 (once), then
-# Table 6 and Fig. 6 recomputed from all finished nets into docs/results/*-full.
+# Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into docs/results/*-full.
 land: setup
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
@@ -86,7 +86,7 @@ land: setup
 	    > /dev/null || exit 1; \
 	done; \
 	test -n "$$finished" || { echo "land: no net of the campaign has finished"; exit 1; }; \
-	for e in table6 degradation; do \
+	for e in table6 degradation responses; do \
 	  $(VENV)/bin/deepres reproduce $$e --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
 	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
 	done
