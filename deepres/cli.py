@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init",
         metavar="WEIGHTS",
-        help="start from a run, .safetensors or .pth state dict: every weight but the fc",
+        help="start from a run, a shipped net (deepres pretrained), a .safetensors or .pth "
+        "state dict: every weight but the fc",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --init: train the fc alone")
     photos = p.add_argument_group(

@@ -1,8 +1,9 @@
 """Fine-tuning: a net started from another's weights, all but the fc, its fc trained alone or not.
 
-The weights come from a deepres run, a safetensors file or a torchvision-style state dict; a
-.pth is read only with torch.load(weights_only=True), which builds tensors and plain containers
-and refuses any other object, so no code in the file runs.
+The weights come from a deepres run, a shipped net by name (resnet20-cifar10), a safetensors
+file or a torchvision-style state dict; a .pth is read only with torch.load(weights_only=True),
+which builds tensors and plain containers and refuses any other object, so no code in the file
+runs.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ import torch
 from torch import nn
 
 from deepres.checkpoint import WEIGHTS, load_tensors
+from deepres.pretrained import manifest, resolve_run
 
 # The classifier: replaced for the new class count, never loaded.
 HEAD = "fc."
-_EXPECTED = "expected a deepres run directory, a .safetensors file or a .pth/.pt state dict"
+_EXPECTED = (
+    "expected a deepres run directory, a shipped net's name (deepres pretrained), "
+    "a .safetensors file or a .pth/.pt state dict"
+)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in a deepres run directory, a .safetensors file or a .pth/.pt file."""
+    """The state dict in a run directory, a shipped net, a .safetensors or a .pth/.pt file."""
+    if not Path(path).exists() and str(path) in manifest():
+        # A shipped net is a run directory; resolving it checks its sha256.
+        path = resolve_run(path)
     path = Path(path)
     if path.is_dir():
         if not (path / WEIGHTS).is_file():

@@ -13,6 +13,7 @@ from deepres.data.loader import Preprocess
 from deepres.evaluate import predict_logits
 from deepres.finetune import freeze_backbone, load_backbone, read_weights
 from deepres.models import create_model
+from deepres.pretrained import resolve_run
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -172,6 +173,23 @@ def test_cli_train_init_from_a_run(tiny_folder, tmp_path, capsys):
     # Not frozen: the backbone trains on from the first run's weights.
     assert not torch.equal(start["conv1.weight"], end["conv1.weight"])
     assert torch.allclose(start["conv1.weight"], end["conv1.weight"], atol=0.1)
+
+
+def test_cli_train_init_from_a_shipped_net_by_name(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    args = ["train", "--model", "resnet20", "--data", str(tiny_folder), "--iters", "2"]
+    args += ["--batch-size", "16", "--quiet", "--out", str(out)]
+    assert main([*args, "--init", "resnet20-cifar10", "--freeze-backbone"]) == 0
+    shipped = load_tensors(resolve_run("resnet20-cifar10") / WEIGHTS)[0]
+    tuned = load_tensors(out / WEIGHTS)[0]
+    for key, value in shipped.items():
+        if not key.startswith("fc."):
+            assert torch.equal(tuned[key], value), key
+    assert tuned["fc.weight"].shape == (3, 64)  # the shipped net has 10 classes
+    # A name that is neither a path nor a shipped net: one line saying what --init takes.
+    assert main([*args[:-1], str(tmp_path / "other"), "--init", "resnet21-cifar10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet21-cifar10" in err[0] and "shipped net" in err[0]
 
 
 def test_cli_train_init_errors_are_one_line_and_write_nothing(tiny_folder, tmp_path, capsys):
