@@ -11,6 +11,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from deepres.bench import (
@@ -157,15 +158,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """deepres predict: the most likely classes of each image (--top of them)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     classifier = load(args.run)
     paths = [p for arg in args.images for p in (image_files(arg) if arg.is_dir() else [arg])]
+    # Images are read one by one and classified in batches: one forward per batch, not per image.
+    batch: list[tuple[Path, torch.Tensor]] = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                top = classifier.topk(image, args.top)
+                batch.append((path, classifier.to_tensor(image)))
         except (UnidentifiedImageError, OSError) as err:
+            _print_predictions(classifier, batch, args)  # the files read before it still count
             raise DataError(f"{path}: not an image deepres can read ({err})") from None
-        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+        if len(batch) == args.batch_size:
+            _print_predictions(classifier, batch, args)
+            batch = []
+    _print_predictions(classifier, batch, args)
+
+
+def _print_predictions(classifier, batch: list, args: argparse.Namespace) -> None:
+    """One line per image of the batch: `path: class p, ...`, or with --json a JSON object."""
+    if not batch:
+        return
+    tops = classifier.topk_batch(torch.cat([tensor for _, tensor in batch]), args.top)
+    for (path, _), top in zip(batch, tops, strict=True):
+        if args.json:
+            classes = [{"class": name, "probability": round(p, 6)} for name, p in top]
+            print(json.dumps({"image": str(path), "top": classes}))
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -427,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("images", nargs="+", type=Path, help="images, or folders of them")
     p.add_argument("--top", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("pretrained", help="the trained nets shipped with deepres, by name")

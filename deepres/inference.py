@@ -70,9 +70,15 @@ class Classifier:
 
     def topk(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
         """The k most likely classes of one PIL image, with their probabilities."""
-        probs = self(self.to_tensor(image))[0]
-        values, indices = probs.topk(min(k, len(self.classes)))
-        return [(self.classes[i], float(p)) for p, i in zip(values, indices, strict=True)]
+        return self.topk_batch(self.to_tensor(image), k)[0]
+
+    def topk_batch(self, images: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The k most likely classes of each image of a uint8 batch (see to_tensor)."""
+        values, indices = self(images).topk(min(k, len(self.classes)), dim=1)
+        return [
+            [(self.classes[i], p) for p, i in zip(v.tolist(), i.tolist(), strict=True)]
+            for v, i in zip(values, indices, strict=True)
+        ]
 
 
 def load(run: str | Path) -> Classifier:

@@ -5,10 +5,12 @@ import sys
 
 import pytest
 from conftest import tiny_config
+from PIL import Image
 
 from deepres.checkpoint import load_tensors, save_tensors
 from deepres.cli import main
 from deepres.evaluate import evaluate_run
+from deepres.inference import load
 from deepres.train import train
 
 
@@ -73,6 +75,30 @@ def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
     assert main(["predict", str(bare_run), str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{empty}: no images" in err[0]
+
+
+def test_predict_in_batches_answers_each_image_as_alone(bare_run, tiny_folder, tmp_path, capsys):
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_folder / "test", folder)
+    # 18 images in batches of 4: the last batch is short.
+    assert main(["predict", str(bare_run), str(folder), "--batch-size", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 18 and lines[0]["image"] == str(folder / "blue" / "000.png")
+    classifier = load(bare_run)
+    for line in lines:
+        with Image.open(line["image"]) as image:
+            alone = classifier.topk(image, 5)
+        assert [c["class"] for c in line["top"]] == [name for name, _ in alone]
+        assert [c["probability"] for c in line["top"]] == pytest.approx(
+            [p for _, p in alone], abs=1e-5
+        )
+    # A file that is no image, in the middle of a batch: the images before it are answered,
+    # then one line names it.
+    (folder / "green" / "002.png").write_text("not an image")
+    assert main(["predict", str(bare_run), str(folder), "--batch-size", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 8  # blue's 6, green's 000 and 001
+    assert err.strip().count("\n") == 0 and "green/002.png" in err
 
 
 def test_a_closed_stdout_ends_the_command_quietly():
