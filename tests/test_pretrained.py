@@ -1,5 +1,9 @@
+import io
 import json
+import pickle
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import cifar_jpeg_folder, tiny_config
@@ -104,14 +108,52 @@ def test_each_shipped_net_is_the_net_its_manifest_names(name):
     assert entry["iterations"] > 0 and entry["command"]
 
 
-@pytest.mark.parametrize(
-    "name",
-    sorted(n for n, e in SHIPPED_NETS.items() if "cifar10-jpeg-train" in json.dumps(e["data"])),
+SHIPPED_CIFAR10 = sorted(
+    n for n, e in SHIPPED_NETS.items() if "cifar10-jpeg-train" in json.dumps(e["data"])
 )
+
+
+@pytest.mark.parametrize("name", SHIPPED_CIFAR10)
 def test_a_shipped_cifar10_net_classifies_the_images_it_trained_on(name, tmp_path):
     cifar_jpeg_folder(tmp_path, 50)
     result = evaluate_run(name, str(tmp_path))
     assert result["n"] == 500
     # Clean views in eval mode do at least about as well as the augmented batches the training
     # error was taken on; a wrong preprocess or a broken load lands near chance (90%).
+    assert result["top1_error"] <= SHIPPED_NETS[name]["train_error"] + 5
+
+
+def write_cifar10_python_tarball(folder, path) -> None:
+    """cifar-10-python.tar.gz as the official one is laid out, its test_batch the images of
+    folder/<class>/*.jpg (rows of R, G and B planes), shuffled; one image per training batch."""
+    names = sorted(p.name for p in folder.iterdir())
+    pairs = [(f, c) for c, name in enumerate(names) for f in sorted((folder / name).iterdir())]
+    order = np.random.default_rng(0).permutation(len(pairs))
+    rows = np.stack(
+        [
+            np.asarray(Image.open(pairs[i][0]).convert("RGB")).transpose(2, 0, 1).ravel()
+            for i in order
+        ]
+    )
+    labels = [pairs[i][1] for i in order]
+    members = {"batches.meta": {b"label_names": [n.encode() for n in names]}}
+    for b in range(1, 6):
+        members[f"data_batch_{b}"] = {b"data": rows[b : b + 1], b"labels": labels[b : b + 1]}
+    members["test_batch"] = {b"data": rows, b"labels": labels}
+    with tarfile.open(path, "w:gz") as tar:
+        for member, content in members.items():
+            data = pickle.dumps(content, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CIFAR10)
+def test_a_shipped_cifar10_net_evaluates_the_official_python_format(name, tmp_path):
+    # How a user checks a shipped net on the real test split: `deepres eval resnet20-cifar10
+    # --data cifar-10-python.tar.gz`. Real images in that format, read without extracting.
+    write_cifar10_python_tarball(cifar_jpeg_folder(tmp_path / "jpegs", 50), tmp_path / "c.tar.gz")
+    result = evaluate_run(name, str(tmp_path / "c.tar.gz"))
+    assert (result["split"], result["n"]) == ("test", 500)
+    # A plane order or label mapping gone wrong lands near chance (90%).
     assert result["top1_error"] <= SHIPPED_NETS[name]["train_error"] + 5
