@@ -2,15 +2,21 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch first: an unpinned resolve would fetch a multi-GB CUDA build.
+# The CPU build of torch first: PyPI's default Linux wheel of torch is a multi-GB CUDA build,
+# and an unpinned resolve would fetch it. PyTorch's CPU index offers 2.13.0+cpu, which pip
+# prefers to PyPI's 2.13.0; where that index cannot be reached, pip's own sources serve (a local
+# CPU wheel on this project's machines). torch alone comes from it (--no-deps); what torch needs
+# comes from PyPI with the project. A GPU: TORCH_INDEX=https://download.pytorch.org/whl/cu128.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint setup fashion-mnist campaign land photos transfer
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-deps --retries 1 \
+	  --extra-index-url "$(TORCH_INDEX)" "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -101,8 +107,8 @@ photos: setup
 	@for m in resnet18 plain18; do \
 	  run=runs/photos-scratch/$$m; \
 	  if [ -f $$run/summary.json ]; then :; \
-	  elif [ -f $$run/config.json ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
-	  else $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
+	  elif [ -f $$run/checkpoint.safetensors ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
+	  else rm -rf $$run; $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
 	    --checkpoint-every 50 --out $$run --quiet || exit 1; fi; \
 	  mkdir -p docs/results/photos-scratch/$$m; \
 	  cp $$run/config.json $$run/summary.json $$run/metrics.jsonl $$run/curves.png docs/results/photos-scratch/$$m/; \

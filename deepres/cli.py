@@ -60,13 +60,19 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """deepres train: a new run, or --resume of a stopped one."""
+    # How it runs, not what it learns: only the flags given (None when not), so that a resumed
+    # run keeps its own unless one is given, whatever its value.
+    how = {
+        k: getattr(args, k)
+        for k in ("device", "workers", "checkpoint_every")
+        if getattr(args, k) is not None
+    }
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
         # than silently ignored. --lr (after a divergence) may change, and how it runs: the
         # device, the workers, how often it saves.
         defaults = vars(build_parser().parse_args(["train"]))
-        how = {"device", "workers", "checkpoint_every"}
-        keep = {"resume", "lr", "quiet", "func", "command", "command_line"} | how
+        keep = {"resume", "lr", "quiet", "func", "command", "command_line"} | set(how)
         changed = [k for k, v in vars(args).items() if k not in keep and v != defaults.get(k)]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
@@ -77,8 +83,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(args.resume)
         if args.lr is not None:
             config = replace(config, lr=args.lr)
-        given = {k: getattr(args, k) for k in how if getattr(args, k) != defaults[k]}
-        config = replace(config, **given)
+        config = replace(config, **how)
         summary = train(config, resume=True, progress=not args.quiet)
     else:
         if not (args.model and args.data and args.out):
@@ -94,12 +99,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             lr=args.lr,
             val_split=args.val_split,
             seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
             eval_every=args.eval_every,
             deterministic=args.deterministic,
-            device=args.device,
             precision=args.precision,
             shortcut=args.shortcut,
+            stride_in=args.stride_in,
             width=args.width,
             normalize=args.normalize,
             image_size=args.image_size,
@@ -110,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             crop_size=args.crop_size,
             scale=args.scale,
             lighting=args.lighting,
-            workers=args.workers,
+            **how,
         )
         summary = train(config, progress=not args.quiet)
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
@@ -198,7 +202,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """deepres reproduce: one of the paper's experiments, report and figure."""
     models = args.models.split(",") if args.models else None
-    command = "deepres " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = args.command_line
     result = reproduce(
         args.experiment,
         args.data,
@@ -352,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="fashion-mnist, or a path: CIFAR, IDX or an image folder")
     p.add_argument("--out", help="the run directory to create")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run")
-    p.add_argument("--recipe", help="cifar or cifar-warmup (default: the paper's for the net)")
+    p.add_argument(
+        "--recipe", help="cifar, cifar-warmup or imagenet (default: the paper's for the net)"
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--iters", type=int, help="iterations (milestones scale with it)")
     budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
@@ -368,10 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold out N training images for validation (the paper: 5000)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="K")
+    p.add_argument("--checkpoint-every", type=int, metavar="K", help="default 1000 iterations")
     p.add_argument("--eval-every", type=int, metavar="K")
     p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", help="auto (the default), cpu or cuda")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -379,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 autocast where the device has native bf16, else fp32",
     )
     p.add_argument("--shortcut", choices=["A", "B", "C"])
+    p.add_argument(
+        "--stride-in",
+        choices=["1x1", "3x3"],
+        help="bottleneck stride: 1x1 = v1, the paper's (default); 3x3 = v1.5, torchvision's",
+    )
     p.add_argument("--width", type=int, help="filters of the first stage")
     p.add_argument("--normalize", choices=["pixel", "channel"])
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
@@ -440,7 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default reports/EXPERIMENT-BUDGET)")
     p.add_argument("--runs", help="where the training runs live (reused when present)")
     p.add_argument("--models", help="comma-separated nets, e.g. plain20,plain56,resnet20")
-    p.add_argument("--val-split", type=int, help="default: 5000 when the data has no test split")
+    p.add_argument(
+        "--val-split",
+        type=int,
+        help="default: 5000 (at most a tenth of the images) when the data has no test split",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)

@@ -85,7 +85,8 @@ def publish(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # A shipped net does not know where it was trained: drop the run's own directory and the
-    # machine's absolute path to the data (the path as given stays, as provenance).
+    # resolved path to the data. The path as given stays, as provenance, and so does
+    # data_source: eval compares it to refuse the net's own training images as a test set.
     saved["config"].pop("out", None)
     saved.pop("data_path", None)
     write_json(out / CONFIG, saved)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from deepres.models import model_family
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -66,9 +68,9 @@ def default_recipe(model: str, photos: bool = False) -> str:
     """The paper's recipe for a net: ImageNet's on full-size photos, else CIFAR's (Sec. 4.2)."""
     if photos:
         return "imagenet"
-    # Nets of 110 layers and more warm up (Sec. 4.2).
+    # CIFAR nets of 110 layers and more warm up (Sec. 4.2); the ImageNet nets never did.
     depth = int("".join(c for c in model if c.isdigit()) or 0)
-    return "cifar-warmup" if depth >= 110 else "cifar"
+    return "cifar-warmup" if depth >= 110 and model_family(model) == "cifar" else "cifar"
 
 
 def get_recipe(name: str) -> Recipe:

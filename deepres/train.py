@@ -93,6 +93,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     shortcut: str | None = None
+    # Bottleneck nets: "1x1" is the paper's v1 (the default), "3x3" is v1.5, torchvision's.
+    stride_in: str | None = None
     width: int | None = None
     normalize: str | None = None
     image_size: int | None = None
@@ -168,6 +170,10 @@ def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> d
         options["shortcut"] = config.shortcut
     if config.width:
         options["width"] = config.width
+    if config.stride_in:
+        if model_family(config.model) != "imagenet":
+            raise ValueError(f"--stride-in: {config.model} is a CIFAR net; it has no bottlenecks")
+        options["stride_in_1x1"] = config.stride_in == "1x1"
     return options
 
 
@@ -494,7 +500,9 @@ def _recipe(config: TrainConfig, n_train: int, photos: bool) -> tuple[Recipe, in
     recipe = get_recipe(config.recipe or default_recipe(config.model, photos=photos))
     if config.batch_size:
         recipe = replace(recipe, batch_size=config.batch_size)
-    if config.lr:
+    if config.lr is not None:
+        if not config.lr > 0:
+            raise ValueError(f"--lr {config.lr}: the learning rate must be positive")
         recipe = replace(recipe, lr=config.lr)
     steps_per_epoch = n_train // recipe.batch_size
     if config.epochs is not None:

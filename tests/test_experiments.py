@@ -89,6 +89,25 @@ def test_shortcuts_smoke(tiny_folder, tmp_path):
     )
 
 
+def test_shortcuts_without_held_out_images_judge_training_errors(tiny_folder, tmp_path):
+    # Trained on every image, as the full-budget campaign does: no test error to compare.
+    args = dict(out=tmp_path / "out", runs=tmp_path / "runs", val_split=0, progress=False)
+    result = reproduce(
+        "shortcuts",
+        str(tiny_folder / "train"),
+        "smoke",
+        models=["resnet20"],
+        command="test",
+        **args,
+    )
+    assert all(r["test_error"] is None for r in result["runs"].values())
+    assert len(result["claims"]) == 2
+    for claim in result["claims"]:
+        assert "(training error)" in claim["claim"] and claim["verdict"] in ("yes", "no")
+    with pytest.raises(ValueError, match="plain20: a plain net has no shortcuts"):
+        reproduce("shortcuts", str(tiny_folder / "train"), "smoke", models=["plain20"], **args)
+
+
 def test_layer_stds_match_a_direct_computation():
     model = create_model("resnet20").eval()
     x = torch.randn(6, 3, 32, 32)

@@ -14,7 +14,7 @@ from deepres.evaluate import predict_logits
 from deepres.finetune import freeze_backbone, load_backbone, read_weights
 from deepres.models import create_model
 from deepres.pretrained import resolve_run
-from deepres.train import TrainConfig, load_config, train
+from deepres.train import TrainConfig, build_model, load_config, train
 
 
 def pretrained(seed: int = 1, **options) -> torch.nn.Module:
@@ -203,3 +203,29 @@ def test_cli_train_init_errors_are_one_line_and_write_nothing(tiny_folder, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, capsys):
+    # torchvision's ResNet-50 weights are v1.5 (the stride in the 3x3): they fit a v1 net's
+    # shapes too, so the layout must be asked for, and it is saved with the run.
+    base = ["train", "--data", str(tiny_folder), "--image-size", "32", "--iters", "1"]
+    base += ["--batch-size", "4", "--quiet"]
+    out = tmp_path / "v15"
+    assert (
+        main(
+            [*base, "--model", "resnet50", "--width", "4", "--stride-in", "3x3", "--out", str(out)]
+        )
+        == 0
+    )
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["stride_in"] == "3x3"
+    model = build_model(saved)
+    assert model.layer2[0].conv1.stride == (1, 1) and model.layer2[0].conv2.stride == (2, 2)
+    capsys.readouterr()
+    assert (
+        main([*base, "--model", "resnet20", "--stride-in", "3x3", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet20 is a CIFAR net" in err[0]
+    assert not (tmp_path / "x").exists()

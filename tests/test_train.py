@@ -98,6 +98,8 @@ def test_recipes_are_the_papers():
     warm = RECIPES["cifar-warmup"]
     assert warm.lr_at(10, warming_up=True) == 0.01 and warm.lr_at(10, warming_up=False) == 0.1
     assert default_recipe("resnet110") == "cifar-warmup" and default_recipe("resnet56") == "cifar"
+    # The warm-up is CIFAR's (Sec. 4.2): ImageNet's deep nets on the in-memory path start at 0.1.
+    assert default_recipe("plain110") == "cifar-warmup" and default_recipe("resnet152") == "cifar"
 
 
 def test_error_rates_hand_checked():
@@ -268,6 +270,12 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     assert main([*resume, "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["iteration"] == 8
     assert saves == [6, 8]
+    # A flag given with the value of its default still counts: 1000 is not the run's 4.
+    train(tiny_config(tiny_folder, tmp_path / "again", iters=12), stop_at=4, progress=False)
+    saves.clear()
+    again = ["train", "--resume", str(tmp_path / "again"), "--checkpoint-every", "1000"]
+    assert main([*again, "--quiet"]) == 0
+    assert saves == [12]
 
 
 def record_saves(monkeypatch) -> list[int]:

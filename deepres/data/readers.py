@@ -184,7 +184,12 @@ def list_image_folder(spec: str, split: str = "train") -> ImageFolderSplit | Non
         return None
     splits = _splits(source, "image folder", "")
     if split not in splits:
-        hint = "; hold out part of the training set with --val-split" if split == "test" else ""
+        hint = (
+            "; a run that held out part of the training set (deepres train --val-split N) is "
+            "tested on it with deepres eval --split val"
+            if split == "test"
+            else ""
+        )
         found = ", ".join(splits) or "none"
         raise DataError(
             f"{source.label}: image folder with no {split} split (found: {found}){hint}"
@@ -467,7 +472,12 @@ def _splits(source: _Source, kind: str, folder: str) -> list[str]:
 def _require_split(source: _Source, kind: str, folder: str, split: str) -> None:
     splits = _splits(source, kind, folder)
     if split not in splits:
-        hint = "; hold out part of the training set with --val-split" if split == "test" else ""
+        hint = (
+            "; a run that held out part of the training set (deepres train --val-split N) is "
+            "tested on it with deepres eval --split val"
+            if split == "test"
+            else ""
+        )
         found = ", ".join(splits) or "none"
         raise DataError(f"{source.label}: {kind} with no {split} split (found: {found}){hint}")
 
