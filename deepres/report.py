@@ -222,6 +222,14 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _by_precision(result: dict) -> dict[str, list[str]]:
+    """The runs grouped by the precision they trained in."""
+    groups: dict[str, list[str]] = {}
+    for name, r in result["runs"].items():
+        groups.setdefault(r.get("precision", "fp32"), []).append(name)
+    return groups
+
+
 def write_report(result: dict, out: Path) -> Path:
     """DIR/results.json, the figures and DIR/report.md of one experiment's result."""
     out = Path(out)
@@ -248,9 +256,15 @@ def write_report(result: dict, out: Path) -> Path:
         }[split],
         f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
-        f"- machine: {m['cpu']} ({m['cpu_count']} cores)"
+        f"- machine: {m['cpu']} ({m['cpu_count']} cores"
+        + (f"; {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
+        + ")"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + f", {m['platform']}",
+        "- precision: "
+        + "; ".join(f"{p} ({', '.join(names)})" for p, names in _by_precision(result).items())
+        + " (`--precision auto`: bf16 autocast where the device computes bf16 natively, "
+        "fp32 elsewhere)",
         f"- torch {m['torch']}; deepres commit `{m['git_commit']}` for this report, "
         + ", ".join(
             f"`{c}`" for c in sorted({str(r.get("git_commit")) for r in result["runs"].values()})

@@ -47,6 +47,11 @@ def check_report(result, out, figures):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({figure})" in report
     assert saved["machine"]["torch"] == torch.__version__
+    # The precision each run resolved to and trained in, named in the report.
+    precision_line = next(line for line in report.splitlines() if line.startswith("- precision:"))
+    for name, r in saved["runs"].items():
+        assert r["precision"] in ("fp32", "bf16")
+        assert name in precision_line.split(f"{r['precision']} (")[1].split(")")[0]
     assert "JPEG copy" not in report
     return saved
 

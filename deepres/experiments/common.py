@@ -120,6 +120,7 @@ def run_result(run: Path) -> dict:
         "train_loss": train_loss,
         "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
         "eval_split": split,
+        "precision": saved["config"].get("precision", "fp32"),
         "iters": metrics[-1]["iteration"],
         "params": count_params(model),
         "seconds": metrics[-1]["seconds"],
