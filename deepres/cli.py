@@ -569,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"deepres {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"deepres {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"deepres {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

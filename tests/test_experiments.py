@@ -113,6 +113,28 @@ def test_shortcuts_without_held_out_images_judge_training_errors(tiny_folder, tm
         reproduce("shortcuts", str(tiny_folder / "train"), "smoke", models=["plain20"], **args)
 
 
+def test_a_stopped_run_stops_the_experiment(tiny_folder, tmp_path, monkeypatch, capsys):
+    # SIGTERM checkpoints the run being trained and train returns unfinished (stop_at stands in
+    # for the signal): the experiment must end there, not start the next net or write a report.
+    from deepres.experiments import common
+
+    real_train = common.train
+    monkeypatch.setattr(common, "train", lambda config, **kw: real_train(config, stop_at=2, **kw))
+    args = ["reproduce", "degradation", "--data", str(tiny_folder), "--budget", "smoke"]
+    args += ["--models", "resnet20,resnet32", "--runs", str(tmp_path / "runs")]
+    args += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet20: stopped at iteration 2; run again to resume" in err[0]
+    assert (tmp_path / "runs" / "resnet20" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "runs" / "resnet32").exists()
+    assert not (tmp_path / "out").exists()
+    # Run again: it resumes and goes on to the next net.
+    monkeypatch.setattr(common, "train", real_train)
+    assert main(args) == 0
+    assert (tmp_path / "out" / "report.md").exists()
+
+
 def test_layer_stds_match_a_direct_computation():
     model = create_model("resnet20").eval()
     x = torch.randn(6, 3, 32, 32)

@@ -84,6 +84,10 @@ def same_run(saved: TrainConfig, config: TrainConfig) -> bool:
     return all(a[k] == b[k] for k in a if k not in ignored)
 
 
+class Stopped(KeyboardInterrupt):
+    """A run was stopped (SIGINT/SIGTERM) and checkpointed: the experiment stops with it."""
+
+
 def ensure_run(ctx: Context, config: TrainConfig) -> Path:
     """Train a run, resume it if it was stopped, or reuse it if it is finished."""
     run = Path(config.out)
@@ -95,13 +99,19 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
             )
         if (run / SUMMARY).exists():
             return run
-        if (run / CHECKPOINT).exists():
-            # How often it saves is the budget's of today, not the one it was started with.
-            resumed = replace(saved, checkpoint_every=config.checkpoint_every)
-            train(resumed, resume=True, progress=ctx.progress)
-            return run
-        raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
-    train(config, progress=ctx.progress)
+        if not (run / CHECKPOINT).exists():
+            raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
+        # How often it saves is the budget's of today, not the one it was started with.
+        summary = train(
+            replace(saved, checkpoint_every=config.checkpoint_every),
+            resume=True,
+            progress=ctx.progress,
+        )
+    else:
+        summary = train(config, progress=ctx.progress)
+    if not summary["finished"]:
+        # Not on to the next net, nor a report of unfinished runs: the signal was for all of it.
+        raise Stopped(f"{run}: stopped at iteration {summary['iteration']}; run again to resume")
     return run
 
 
