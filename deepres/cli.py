@@ -32,7 +32,7 @@ from deepres.export import export_onnx
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.pretrained import describe, publish
-from deepres.report import find_runs, run_status
+from deepres.report import find_runs, plot_status, run_status
 from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
 
@@ -239,8 +239,11 @@ def cmd_status(args: argparse.Namespace) -> None:
         where = ", ".join(map(str, args.paths))
         raise ValueError(f"{where}: no run directory (config.json, metrics.jsonl) here")
     rows = [run_status(run) for run in runs]
+    figure = plot_status(rows, args.plot) if args.plot else None
     if args.json:
         print(json.dumps(rows, indent=2))
+        if figure:
+            print(f"figure: {figure}", file=sys.stderr)  # stdout stays JSON
         return
     head = ("iteration", "train err %", "lr", "hours", "images/s", "left h")
     print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>8}{head[4]:>10}{head[5]:>8}")
@@ -252,6 +255,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         left = "-" if r["hours_left"] is None else f"{r['hours_left']:.1f}"
         left = "done" if r["finished"] else left
         print(f"{r['run']:<48}{done:>18}{err:>13}{lr:>8}{r['hours']:>8.2f}{speed:>10}{left:>8}")
+    if figure:
+        print(f"figure: {figure}")
 
 
 def _print_bench(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
@@ -474,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="where the runs in a folder stand: iteration, error, time")
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="default: runs")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw their error curves in one figure"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("publish", help="ship a finished run's net under a name (maintainers)")

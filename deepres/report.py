@@ -146,6 +146,25 @@ def plot_run(run: Path) -> Path:
     return path
 
 
+def plot_status(rows: list[dict], path: Path) -> Path:
+    """Write one figure of the runs `deepres status` lists, finished or not, as in Fig. 6."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        run = Path(row["run"])
+        metrics = read_metrics(run)
+        if not metrics:
+            continue
+        saved = read_json(run / CONFIG)
+        where = "done" if row["finished"] else f"at {row['iteration']:,} of {row['iters']:,}"
+        plot_curves(ax, curve(metrics, saved["eval_split"]), f"{run.name} ({where})")
+    style_axes(ax, "training error (dashed), held-out error (solid)")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 PAPER_SAYS = {
     "degradation": "Fig. 6: the deeper plain net has the higher training error; the deeper "
     "ResNet the lower.",

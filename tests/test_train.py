@@ -13,6 +13,7 @@ from conftest import tiny_config
 from PIL import Image
 
 import deepres
+from deepres import report
 from deepres import train as train_module
 from deepres.checkpoint import CHECKPOINT, load_checkpoint, load_tensors
 from deepres.cli import build_parser, main
@@ -442,7 +443,7 @@ def test_emulated_bf16_is_one_warning_line(tiny_folder, tmp_path, monkeypatch, c
     assert "emulated" in line and "far slower" in line
 
 
-def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
+def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkeypatch):
     stopped, done = tmp_path / "a" / "stopped", tmp_path / "b" / "done"
     train(tiny_config(tiny_folder, stopped, iters=8), stop_at=3, progress=False)
     train(tiny_config(tiny_folder, done, iters=4), progress=False)
@@ -471,6 +472,14 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:2] == [str(stopped), "3/8"]
     assert lines[2].split()[1] == "4/4" and lines[2].endswith("done")
+    # --plot: every run's curve in one figure, each labelled with where it stands.
+    labels = []
+    monkeypatch.setattr(report, "plot_curves", lambda ax, c, label: labels.append(label))
+    figure = tmp_path / "progress.png"
+    assert main(["status", str(tmp_path), "--plot", str(figure)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"figure: {figure}"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert labels == ["stopped (at 3 of 8)", "done (done)"]
     # Another tool's config.json is no run; one beside a metrics.jsonl is named as not ours.
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"architectures": ["Bert"]}')
