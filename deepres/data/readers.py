@@ -63,6 +63,11 @@ _NAMED = {
     ),
 }
 NAMED_DATA = frozenset(_NAMED)  # data given by name, not by path
+# Data with no test split: where held-out images come from instead.
+_NO_TEST_HINT = (
+    "; a run that held out part of the training set (deepres train --val-split N) is tested "
+    "on it with deepres eval --split val"
+)
 
 
 def absolute_data(data: str) -> str:
@@ -184,12 +189,7 @@ def list_image_folder(spec: str, split: str = "train") -> ImageFolderSplit | Non
         return None
     splits = _splits(source, "image folder", "")
     if split not in splits:
-        hint = (
-            "; a run that held out part of the training set (deepres train --val-split N) is "
-            "tested on it with deepres eval --split val"
-            if split == "test"
-            else ""
-        )
+        hint = _NO_TEST_HINT if split == "test" else ""
         found = ", ".join(splits) or "none"
         raise DataError(
             f"{source.label}: image folder with no {split} split (found: {found}){hint}"
@@ -472,12 +472,7 @@ def _splits(source: _Source, kind: str, folder: str) -> list[str]:
 def _require_split(source: _Source, kind: str, folder: str, split: str) -> None:
     splits = _splits(source, kind, folder)
     if split not in splits:
-        hint = (
-            "; a run that held out part of the training set (deepres train --val-split N) is "
-            "tested on it with deepres eval --split val"
-            if split == "test"
-            else ""
-        )
+        hint = _NO_TEST_HINT if split == "test" else ""
         found = ", ".join(splits) or "none"
         raise DataError(f"{source.label}: {kind} with no {split} split (found: {found}){hint}")
 
