@@ -120,6 +120,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Under torchrun every rank returns the summary; one copy is enough on stdout.
     if world()[0] == 0:
         print(json.dumps(summary, indent=2))
+    if not summary["finished"]:
+        # Stopped by SIGINT/SIGTERM after a checkpoint: not a success for a script to go on from.
+        raise KeyboardInterrupt(
+            f"{summary['run']}: stopped at iteration {summary['iteration']}; "
+            f"deepres train --resume {summary['run']} continues it"
+        )
 
 
 def _sizes(text: str) -> list[int]:
@@ -569,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             args.func(args)
+            # A reader gone before a buffered stdout was written out is caught here, not when
+            # the interpreter exits.
+            sys.stdout.flush()
     except BrokenPipeError:
         # stdout's reader went away (`deepres predict RUN DIR | head`): stop quietly, as cat does,
         # and keep the interpreter's last flush from raising again.

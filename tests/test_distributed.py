@@ -31,7 +31,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def test_two_processes_train_one_run(tiny_folder, tmp_path):
     run = tmp_path / "ddp"
+    # --device cpu: on a machine with one GPU, auto would send rank 1 to a cuda:1 it lacks.
     flags = ["--model", "resnet20", "--width", "4", "--iters", "6", "--batch-size", "16"]
+    flags += ["--device", "cpu"]
     done = torchrun(
         "train", *flags, "--data", str(tiny_folder), "--out", str(run), "--quiet", "--deterministic"
     )
@@ -63,7 +65,16 @@ def test_two_processes_stream_photos_into_one_run(photo_folder, tmp_path):
     run = tmp_path / "photos"
     # Width 8: see test_train_photos for what width 4 meets in torch's CPU convolutions.
     flags = ["--model", "resnet18", "--width", "8", "--crop-size", "32", "--iters", "4"]
-    flags += ["--batch-size", "8", "--workers", "1", "--quiet", "--deterministic"]
+    flags += [
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--quiet",
+        "--deterministic",
+        "--device",
+        "cpu",
+    ]
     done = torchrun("train", *flags, "--data", str(photo_folder), "--out", str(run))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

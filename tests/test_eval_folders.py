@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 18  # every image, in the class folders below
     assert lines[0].startswith(str(tiny_folder / "test" / "blue" / "000.png") + ": ")
+    assert all(len(line.split(": ")[1].split(", ")) == 1 for line in lines)  # --top 1
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     assert main(["predict", str(bare_run), str(empty)]) == 2
@@ -103,10 +105,13 @@ def test_predict_in_batches_answers_each_image_as_alone(bare_run, tiny_folder, t
 
 def test_a_closed_stdout_ends_the_command_quietly():
     # `deepres predict RUN DIR | head`: the reader leaves before the command has printed.
+    # Buffered, as a pipe's stdout is unless PYTHONUNBUFFERED is set.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "deepres.cli", "models"],
+        [sys.executable, "-m", "deepres.cli", "models", "resnet20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=env,
     )
     child.stdout.close()
     _, err = child.communicate(timeout=120)

@@ -22,6 +22,7 @@ from deepres.evaluate import (
     center_crop,
     default_protocol,
     dense_logits,
+    error_rates,
     evaluate_run,
     predict_protocol,
     protocol_probabilities,
@@ -291,11 +292,23 @@ def test_cli_eval_protocols_json(mixed_run, capsys):
     assert "positive" in capsys.readouterr().err
 
 
-def test_protocols_agree_with_a_library_call(mixed_run):
+def test_protocols_agree_with_a_library_call(mixed_run, mixed_folder):
     result = evaluate_run(mixed_run, protocol="10crop")
     single = evaluate_run(mixed_run)
     assert result["protocol"] == "10crop" and single["protocol"] == "single"
     assert result["n"] == single["n"] == 6
+    # The errors are those of the protocol's own probabilities, and of the net's single view.
+    classifier = deepres.load(mixed_run)
+    _, _, pairs = read_full_size(str(mixed_folder), "test")
+    protocol = default_protocol("10crop", "cifar", 8)
+    probs, labels = predict_protocol(classifier.model, pairs, classifier.preprocess, protocol)
+    for key in ("top1_error", "per_class_error"):
+        assert result[key] == error_rates(probs, labels)[key]
+    dataset = open_dataset(str(mixed_folder), "test", image_size=8)
+    assert (
+        single["top1_error"]
+        == error_rates(classifier(dataset.images), dataset.labels)["top1_error"]
+    )
 
 
 @pytest.mark.skipif(not HYMENOPTERA.is_file(), reason=f"{HYMENOPTERA} is absent")

@@ -7,7 +7,7 @@ from conftest import write_folder
 
 from deepres import train as train_module
 from deepres.cli import main
-from deepres.experiments import reproduce
+from deepres.experiments import degradation, reproduce, responses, shortcuts, table6
 from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
@@ -133,6 +133,60 @@ def test_a_stopped_run_stops_the_experiment(tiny_folder, tmp_path, monkeypatch, 
     monkeypatch.setattr(common, "train", real_train)
     assert main(args) == 0
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def fake_runs(**errors) -> dict:
+    """Run results with the given (training, held-out) errors in %; held-out None: not at hand."""
+    return {
+        n.replace("_", "-"): {"train_error": t, "test_error": h, "eval_split": "val" if h else None}
+        for n, (t, h) in errors.items()
+    }
+
+
+def verdicts(claims: list[dict]) -> list[tuple[str, str]]:
+    return [(c["claim"], c["verdict"]) for c in claims]
+
+
+def test_degradation_claims_are_judged_the_paper_s_way_round():
+    # The paper's picture: plain56 above plain20, resnet56 below resnet20 and below plain56.
+    paper = fake_runs(plain20=(5, 9), plain56=(8, 12), resnet20=(2, 8), resnet56=(1, 7))
+    assert verdicts(degradation.claims(paper)) == [
+        ("plain56 trains to a higher training error than plain20 (the degradation problem)", "yes"),
+        ("resnet56 trains to a lower training error than resnet20", "yes"),
+        ("resnet56 reaches a lower val error than resnet20", "yes"),
+        ("resnet20 reaches a lower training error than its plain twin plain20", "yes"),
+        ("resnet56 reaches a lower training error than its plain twin plain56", "yes"),
+    ]
+    # Every comparison the other way round.
+    flipped = fake_runs(plain20=(8, 12), plain56=(5, 9), resnet20=(9, 7), resnet56=(10, 13))
+    assert [v for _, v in verdicts(degradation.claims(flipped))] == ["no"] * 5
+    # No held-out error: the held-out claim is left out, not judged on nothing.
+    training_only = fake_runs(resnet20=(2, None), resnet56=(1, None))
+    assert verdicts(degradation.claims(training_only)) == [
+        ("resnet56 trains to a lower training error than resnet20", "yes")
+    ]
+    assert degradation.claims(fake_runs(resnet20=(2, None))) == []
+
+
+def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round():
+    runs = fake_runs(resnet20=(3, 9), resnet32=(2, 8), resnet56=(1, 7))
+    assert verdicts(table6.claims(runs)) == [
+        ("error falls as depth grows from resnet20 to resnet56", "yes")
+    ]
+    runs = fake_runs(resnet20=(1, None), resnet56=(2, None))
+    assert verdicts(table6.claims(runs)) == [
+        ("training error falls as depth grows from resnet20 to resnet56", "no")
+    ]
+    stds = {"plain20": [1.0, 1.2], "resnet20": [0.8, 0.9], "resnet56": [0.5, 0.6]}
+    assert [v for _, v in verdicts(responses.claims(stds))] == ["yes", "yes"]
+    stds["resnet56"] = [0.95, 0.95]  # mean 0.95 above resnet20's 0.85
+    assert verdicts(responses.claims(stds))[-1] == (
+        "the deeper ResNet responds more weakly: resnet56 below resnet20",
+        "no",
+    )
+    runs = fake_runs(resnet20=(3, 9.0), resnet20_B=(3, 8.5), resnet20_C=(3, 8.6))
+    assert [v for _, v in verdicts(shortcuts.claims(runs, ["resnet20"]))] == ["yes", "no"]
+    assert "(held-out error)" in shortcuts.claims(runs, ["resnet20"])[0]["claim"]
 
 
 def test_layer_stds_match_a_direct_computation():

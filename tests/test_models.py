@@ -8,6 +8,7 @@ from deepres.models import (
     BasicBlock,
     Bottleneck,
     ZeroPadShortcut,
+    count_params,
     create_model,
     list_models,
     model_stats,
@@ -208,7 +209,10 @@ def test_cli_models_json(capsys):
 def test_cli_models_table_and_shortcut(capsys):
     assert main(["models", "resnet20", "--shortcut", "B"]) == 0
     out = capsys.readouterr().out
-    assert "resnet20" in out and "269,722" not in out
+    # Option B adds two 1x1 projections with BN where the width doubles, 16->32 and 32->64.
+    with_b = count_params(create_model("resnet20", shortcut="B"))
+    assert with_b == 269_722 + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    assert "resnet20" in out and f"{with_b:,}" in out
 
 
 def test_cli_unknown_model_is_one_line_error(capsys):

@@ -3,7 +3,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +18,9 @@ from PIL import Image
 import deepres
 from deepres import report
 from deepres import train as train_module
-from deepres.checkpoint import CHECKPOINT, load_checkpoint, load_tensors
+from deepres.checkpoint import CHECKPOINT, checkpoint_state, load_checkpoint, load_tensors
 from deepres.cli import build_parser, main
+from deepres.data import open_dataset
 from deepres.evaluate import error_rates
 from deepres.models import create_model
 from deepres.recipes import RECIPES, default_recipe, get_recipe
@@ -145,7 +149,11 @@ def test_cli_train_eval_predict_load(tiny_folder, tmp_path, capsys):
     assert main(["eval", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"top1_error", "top5_error", "n"}
-    assert result["n"] == 18 and result["top5_error"] == 0.0
+    assert result["n"] == 18 and result["top5_error"] == 0.0  # 3 classes: always in the top 5
+    # top-1 is the error of the net's own predictions on the test split.
+    test = open_dataset(str(tiny_folder), "test")
+    wrong = deepres.load(run)(test.images).argmax(1) != test.labels
+    assert result["top1_error"] == pytest.approx(100 * wrong.float().mean().item())
     assert main(["eval", str(run)]) == 0
     table = capsys.readouterr().out
     assert "top-1 error" in table and "green" in table
@@ -156,6 +164,9 @@ def test_cli_train_eval_predict_load(tiny_folder, tmp_path, capsys):
     assert line.startswith(str(image)) and all(c in line for c in ("red", "green", "blue"))
 
     classifier = deepres.load(run)
+    # The first class printed is the net's most likely one.
+    likeliest = classifier.classes[classifier(classifier.to_tensor(Image.open(image))).argmax()]
+    assert line.split(": ")[1].startswith(likeliest + " ")
     with Image.open(image) as im:
         top = classifier.topk(im, k=2)
     assert len(top) == 2 and sum(p for _, p in top) <= 1.0 + 1e-6
@@ -511,3 +522,38 @@ def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
     records = read_metrics(run)
     assert [r["iteration"] for r in records] == [4, 8]
     assert [r["images_per_sec"] for r in records] == [16.0, 16.0]
+
+
+def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(tiny_folder, tmp_path):
+    # What a campaign's pause does: a real SIGTERM to a training process.
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "deepres.cli", "train", "--model", "resnet20", "--width", "4"]
+    command += ["--data", str(tiny_folder), "--iters", "100000", "--batch-size", "16"]
+    command += ["--checkpoint-every", "100000", "--device", "cpu", "--out", str(run), "--quiet"]
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not read_metrics(run) and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert read_metrics(run), "no log record within 120 s"
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    summary = json.loads(out)
+    stopped_at = summary["iteration"]
+    assert not summary["finished"] and 50 <= stopped_at < 100_000
+    assert err.strip().endswith(
+        f"stopped at iteration {stopped_at}; deepres train --resume {run} continues it"
+    )
+    # The checkpoint was written at the stop, not at --checkpoint-every, and resumes from there.
+    assert checkpoint_state(run)["iteration"] == stopped_at
+    resumed = train(load_config(run), resume=True, stop_at=stopped_at + 2, progress=False)
+    assert resumed["iteration"] == stopped_at + 2

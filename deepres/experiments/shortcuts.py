@@ -23,24 +23,33 @@ def run(ctx: Context, models: list[str]) -> dict:
             name = model if option == "A" else f"{model}-{option}"
             config = ctx.config(name, model, shortcut=None if option == "A" else option)
             runs[name] = {**run_result(ensure_run(ctx, config)), "shortcut": option}
+    return {
+        "runs": runs,
+        "claims": claims(runs, models),
+        "paper_resnet34_top1": TABLE3_RESNET34_TOP1,
+    }
+
+
+def claims(runs: dict, models: list[str]) -> list[dict]:
+    """Table 3's claims for each net: B beats A slightly, C beats B marginally."""
     # Table 3 compares test errors; with no held-out images, training errors stand in, and say so.
     held_out = all(r["test_error"] is not None for r in runs.values())
     key, kind = ("test_error", "held-out error") if held_out else ("train_error", "training error")
-    claims = []
+    out = []
     for model in models:
         a, b, c = (runs[n][key] for n in (model, f"{model}-B", f"{model}-C"))
-        claims.append(
+        out.append(
             verdict(
                 f"{model}: projection shortcuts (B) beat zero-padding (A) slightly ({kind})",
                 b < a,
                 f"B {b:.2f}% vs A {a:.2f}%",
             )
         )
-        claims.append(
+        out.append(
             verdict(
                 f"{model}: projecting every shortcut (C) beats B marginally ({kind})",
                 c < b,
                 f"C {c:.2f}% vs B {b:.2f}%",
             )
         )
-    return {"runs": runs, "claims": claims, "paper_resnet34_top1": TABLE3_RESNET34_TOP1}
+    return out
