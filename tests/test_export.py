@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import cifar_jpeg_folder, tiny_config
+from PIL import Image
 
 import deepres
 from deepres.cli import main
 from deepres.data import open_dataset
 from deepres.train import train
+
+# Not 4: see test_train_photos for what width 4 meets in torch's CPU convolutions.
+PHOTO_RUN = dict(model="resnet18", iters=2, batch_size=8, width=8, crop_size=32, workers=0)
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,31 @@ def test_onnx_export_matches_deepres_on_real_images(cifar_folder, tmp_path, caps
         assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
     # Not a constant net: the images are told apart.
     assert torch.from_numpy(expected).std(0).max() > 1e-3
+
+
+def test_onnx_export_of_a_streamed_photo_run_says_how_to_view_a_photo(photo_folder, tmp_path):
+    # No ../shared/data needed: the synthetic photos. A run trained on streamed photos is tested
+    # on the centre crop of the photo resized to a shorter side of crop x 256/224; the exported
+    # file says which, and matches deepres on exactly that view.
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (dev extras)")
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (dev extras)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (dev extras)")
+    run = tmp_path / "photos"
+    train(tiny_config(photo_folder, run, precision="fp32", **PHOTO_RUN), progress=False)
+    path = tmp_path / "photos.onnx"
+    assert main(["export", str(run), "--onnx", str(path)]) == 0
+    metadata = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(metadata["resize"]) == 37 and json.loads(metadata["input_size"]) == [
+        3,
+        32,
+        32,
+    ]
+    assert json.loads(metadata["classes"]) == ["ants", "bees"]
+    classifier = deepres.load(run)
+    views = [
+        classifier.to_tensor(Image.open(p)) for p in sorted((photo_folder / "val").rglob("*.jpg"))
+    ]
+    batch = torch.cat(views)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (probs,) = session.run(None, {"images": batch.numpy()})
+    assert np.abs(probs - classifier(batch).numpy()).max() < 1e-4
