@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 
+import deepres
+from deepres.cli import main
 from deepres.data import DataError, available_splits, open_dataset, readers
 from deepres.data.readers import FASHION_MNIST_CLASSES
 from deepres.data.safe_pickle import restricted_loads
+from deepres.train import train
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer"] + [f"c{i}" for i in range(5, 10)]
 
@@ -238,6 +242,33 @@ def test_idx(tmp_path, compress):
     assert torch.equal(train.images[:, 0], torch.from_numpy(images[:3]))
     assert train.labels.tolist() == [9, 0, 4] and test.labels.tolist() == [1, 2]
     assert train.classes == [str(i) for i in range(10)]
+
+
+def test_a_one_channel_run_end_to_end(tmp_path, capsys):
+    # make demo's path: IDX digits (one channel) trained, evaluated, then asked about colour
+    # photos of another size, which are turned grey and fitted as the run was tested.
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            _idx(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        )
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(np.arange(n) % 10))
+    run = tmp_path / "run"
+    train(tiny_config(folder, run, iters=2, precision="fp32"), progress=False)
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 10
+    photo = tmp_path / "colour.png"
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(photo)
+    classifier = deepres.load(run)
+    view = classifier.to_tensor(Image.open(photo))
+    assert view.shape == (1, 1, 28, 28) and view.dtype == torch.uint8
+    grey = np.asarray(Image.open(photo).convert("L").resize((37, 28), Image.BILINEAR))
+    assert torch.equal(view[0, 0], torch.from_numpy(grey[:, 4:32].copy()))  # centre 28 of 37
+    assert main(["predict", str(run), str(photo), "--top", "1"]) == 0
+    likeliest = classifier.classes[classifier(view).argmax()]
+    assert capsys.readouterr().out.startswith(f"{photo}: {likeliest} ")
 
 
 def test_idx_bad_magic(tmp_path):
