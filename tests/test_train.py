@@ -557,3 +557,25 @@ def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(tiny_folder,
     assert checkpoint_state(run)["iteration"] == stopped_at
     resumed = train(load_config(run), resume=True, stop_at=stopped_at + 2, progress=False)
     assert resumed["iteration"] == stopped_at + 2
+
+
+def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--batch-size", "16", "--quiet"]
+    # --epochs: 72 training images in batches of 16 are 4 full steps an epoch; 1.5 epochs, 6.
+    run = tmp_path / "epochs"
+    assert main([*base, "--epochs", "1.5", "--device", "cpu", "--out", str(run)]) == 0
+    recipe = json.loads((run / "config.json").read_text())["recipe"]
+    assert recipe["iters"] == 6 and recipe["milestones"] == [3, 4]
+    assert json.loads(capsys.readouterr().out)["iteration"] == 6
+    bad = [
+        (["--lr", "0", "--device", "cpu"], "--lr 0.0: the learning rate must be positive"),
+        (["--lr", "-0.1", "--device", "cpu"], "--lr -0.1: the learning rate must be positive"),
+    ]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+    for flags, message in bad:
+        out = tmp_path / "bad"
+        assert main([*base, *flags, "--iters", "2", "--out", str(out)]) == 2
+        assert message in one_line(capsys)
+        assert not out.exists()
