@@ -491,6 +491,11 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert capsys.readouterr().out.splitlines()[-1] == f"figure: {figure}"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert labels == ["stopped (at 3 of 8)", "done (done)"]
+    # --json: the same rows as run_status, stdout JSON alone (the figure's line on stderr).
+    assert main(["status", str(tmp_path), "--json", "--plot", str(figure)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == [run_status(stopped), run_status(done)]
+    assert err.strip() == f"figure: {figure}"
     # Another tool's config.json is no run; one beside a metrics.jsonl is named as not ours.
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"architectures": ["Bert"]}')

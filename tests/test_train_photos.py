@@ -1,4 +1,5 @@
 import json
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -114,3 +115,17 @@ def test_cli_trains_on_photos_and_names_a_corrupt_one(photo_folder, tmp_path, ca
     out = str(tmp_path / "c")
     assert main(["train", *flags, "--scale", "20,480", "--data", str(broken), "--out", out]) == 2
     assert "--scale 20,480: need 32 (the crop size) <= LOW" in capsys.readouterr().err
+
+
+def test_photos_stream_from_a_zip_as_from_a_folder(photo_folder, tmp_path):
+    # The zip holds the folder's train/ and val/ as they are: the run is the same run.
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(photo_folder.rglob("*.jpg")):
+            z.write(path, path.relative_to(photo_folder))
+    from_zip = train(photo_config(archive, tmp_path / "zip", iters=2), progress=False)
+    from_folder = train(photo_config(photo_folder, tmp_path / "folder", iters=2), progress=False)
+    assert from_zip["finished"] and from_zip["test_error"] == from_folder["test_error"]
+    assert (tmp_path / "zip" / "model.safetensors").read_bytes() == (
+        tmp_path / "folder" / "model.safetensors"
+    ).read_bytes()
