@@ -173,9 +173,11 @@ def test_worker_processes_decode_the_same_batches(photo_folder):
     files = open_image_files(str(photo_folder))
     in_process = stream(files)
     workers = stream(files, workers=2)
-    for i in range(3):
-        assert torch.equal(workers.batch(i)[0], in_process.batch(i)[0])
-    workers.close()
+    try:
+        for i in range(3):
+            assert torch.equal(workers.batch(i)[0], in_process.batch(i)[0])
+    finally:
+        workers.close()  # a failed comparison must not leave worker processes behind
 
 
 @pytest.mark.parametrize("world", [2, 3])
