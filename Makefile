@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint setup fashion-mnist campaign land photos transfer
+.PHONY: demo test lint setup fashion-mnist campaign land progress photos transfer
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,11 @@ land: setup
 	  $(VENV)/bin/deepres reproduce $$e --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
 	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
 	done
+
+# Where the campaign stands, finished nets and unfinished alike: the table, and one figure of
+# every run's training curve so far, for the README.
+progress: setup
+	$(VENV)/bin/deepres status $(CAMPAIGN_RUNS) --plot docs/results/campaign-progress.png
 
 # Issue 10's short runs: resnet18 and plain18 from scratch on the 245 training photos of
 # hymenoptera (Sec. 3.4's augmentation, the ImageNet recipe over 30 epochs at batch 32), each
