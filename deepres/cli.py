@@ -168,8 +168,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """deepres predict: the most likely classes of each image (--top of them)."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--top", args.top)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
     classifier = load(args.run)
     paths = [p for arg in args.images for p in (image_files(arg) if arg.is_dir() else [arg])]
     # Images are read one by one and classified in batches: one forward per batch, not per image.

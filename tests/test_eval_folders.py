@@ -101,6 +101,9 @@ def test_predict_in_batches_answers_each_image_as_alone(bare_run, tiny_folder, t
     out, err = capsys.readouterr()
     assert len(out.strip().splitlines()) == 8  # blue's 6, green's 000 and 001
     assert err.strip().count("\n") == 0 and "green/002.png" in err
+    for flag in ("--top", "--batch-size"):
+        assert main(["predict", str(bare_run), str(folder), flag, "0"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{flag} 0: must be at least 1")
 
 
 def test_a_closed_stdout_ends_the_command_quietly():
