@@ -202,7 +202,9 @@ def _figures(result: dict, out: Path) -> list[str]:
         groups = [g for g in groups if g[1]]
         if experiment == "shortcuts":
             groups = groups[-1:]
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        # At least 7 inches: one panel alone must still hold the figure's title.
+        width = max(7, 5 * len(groups))
+        fig, axes = plt.subplots(1, len(groups), figsize=(width, 4), squeeze=False)
         for ax, (title, group) in zip(axes[0], groups, strict=True):
             _curve_panel(ax, result, group, title)
         held_out = f", {_split(result)} error (solid)" if _split(result) else ""
