@@ -71,9 +71,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
         # than silently ignored. --lr (after a divergence) may change, and how it runs: the
         # device, the workers, how often it saves.
-        defaults = vars(build_parser().parse_args(["train"]))
-        keep = {"resume", "lr", "quiet", "func", "command", "command_line"} | set(how)
-        changed = [k for k, v in vars(args).items() if k not in keep and v != defaults.get(k)]
+        given = _given_flags(args.command_line)
+        keep = {"resume", "lr", "quiet", "device", "workers", "checkpoint_every"}
+        changed = [k for k in vars(args) if k in given and k not in keep]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
@@ -126,6 +126,17 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"{summary['run']}: stopped at iteration {summary['iteration']}; "
             f"deepres train --resume {summary['run']} continues it"
         )
+
+
+def _given_flags(command_line: str) -> set[str]:
+    """The `deepres train` flags on a command line, given at whatever value, default or not."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(probe)
+    # Parser-level defaults win over each flag's own: every flag not given reads as not_given.
+    not_given = object()
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), not_given))
+    parsed = vars(probe.parse_args(shlex.split(command_line)[2:]))  # after "deepres train"
+    return {dest for dest, value in parsed.items() if value is not not_given}
 
 
 def _sizes(text: str) -> list[int]:
@@ -351,19 +362,8 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
     _print_bench(args, r, lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("models", help="list the nets with depth, params and MACs")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--shortcut", choices=["A", "B", "C"])
-    p.add_argument("--stride-in", choices=["1x1", "3x3"], help="bottleneck stride: 1x1 = v1")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("train", help="train a net with the paper's recipe")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `deepres train`."""
     p.add_argument("--model", help="a name from `deepres models`, e.g. resnet20")
     p.add_argument("--data", help="fashion-mnist, or a path: CIFAR, IDX or an image folder")
     p.add_argument("--out", help="the run directory to create")
@@ -435,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     photos.add_argument("--workers", type=int, help="DataLoader workers (default: CPU cores, <= 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="deepres", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the nets with depth, params and MACs")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--shortcut", choices=["A", "B", "C"])
+    p.add_argument("--stride-in", choices=["1x1", "3x3"], help="bottleneck stride: 1x1 = v1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a net with the paper's recipe")
+    add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a trained run")

@@ -276,6 +276,9 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
         f"{run}: --resume continues the run as it was configured; --epochs, --seed cannot"
         " change it (only --lr, --device, --workers and --checkpoint-every can)"
     )
+    # Given at its default value, a flag is still given: refused, not silently ignored.
+    assert main(["train", "--resume", str(run), "--seed=0", "--val-split", "0"]) == 2
+    assert "; --val-split, --seed cannot change it" in one_line(capsys)
     assert files(run) == before
     saves = record_saves(monkeypatch)
     resume = ["train", "--resume", str(run), "--device", "cpu", "--checkpoint-every", "3"]
