@@ -4,10 +4,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import tiny_config
+from safetensors.torch import load_file
 
 import deepres
+from deepres.models import create_model
 from deepres.report import read_metrics
 from deepres.train import train
 
@@ -83,3 +86,59 @@ def test_two_processes_stream_photos_into_one_run(photo_folder, tmp_path):
     assert [(m["iteration"], m["images"]) for m in read_metrics(run)] == [(4, 32)]
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"]["name"] == "imagenet" and config["augment"]["crop"] == 32
+
+
+RANK_WEIGHTS_SCRIPT = """
+import sys
+from safetensors.torch import save_file
+from deepres import distributed, train
+from deepres.train import TrainConfig
+
+data, out, averaged = sys.argv[1], sys.argv[2], sys.argv[3] == "ddp"
+if not averaged:  # the contrast: each rank trains alone on its own shard
+    train.distributed.wrap = lambda model, device: model
+finish = train._finish
+
+def keep_weights(s, iteration, start_iter):
+    rank = distributed.world()[0]
+    weights = {k: v.contiguous() for k, v in s.model.state_dict().items()}
+    save_file(weights, f"{out}/rank{rank}.safetensors")
+    return finish(s, iteration, start_iter)
+
+train._finish = keep_weights
+config = TrainConfig(model="resnet20", data=data, out=f"{out}/run", iters=4, batch_size=16,
+                     width=4, log_every=2, eval_every=4, checkpoint_every=4,
+                     deterministic=True, device="cpu")
+train.train(config, progress=False)
+"""
+
+
+def ranks_weights(tiny_folder, out, mode: str) -> list[dict]:
+    """Each rank's weights after a 4-iteration run of two processes under torchrun."""
+    out.mkdir()
+    script = out / "ranks.py"
+    script.write_text(RANK_WEIGHTS_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    done = subprocess.run(
+        [*command, "2", str(script), str(tiny_folder), str(out), mode],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return [load_file(out / f"rank{r}.safetensors") for r in range(2)]
+
+
+def test_ddp_averages_the_ranks_gradients_so_their_weights_stay_equal(tiny_folder, tmp_path):
+    ddp = ranks_weights(tiny_folder, tmp_path / "ddp", "ddp")
+    alone = ranks_weights(tiny_folder, tmp_path / "alone", "alone")
+    start = create_model("resnet20", width=4, num_classes=3).state_dict()
+    params = [k for k in ddp[0] if "weight" in k or "bias" in k]
+    # Each rank saw only its half of every batch; with the gradients averaged, both took the
+    # same steps, and the weights still agree bit for bit. (BN's running statistics do not:
+    # each rank's last forward updated them from its own half, and rank 0's are the run's.)
+    assert all(torch.equal(ddp[0][k], ddp[1][k]) for k in params)
+    assert any(not torch.equal(ddp[0][k], start[k]) for k in params)
+    # Without DDP the two halves pull apart: so equality above is the averaging's doing.
+    assert any(not torch.equal(alone[0][k], alone[1][k]) for k in params)
