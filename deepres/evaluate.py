@@ -286,7 +286,10 @@ def _test_split(run: str | Path, saved: dict, data: str, given: bool) -> str:
         return "test"
     # The run's own training images are no test set.
     dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
-    if dataset.source == saved.get("data_source"):
+    fingerprint = saved.get("data_sha256")
+    if dataset.source == saved.get("data_source") or (
+        fingerprint and dataset.fingerprint() == fingerprint
+    ):
         raise ValueError(
             f"{data}: the data {run} was trained on, with no test split; give held-out "
             "images, or --split val for a run trained with --val-split"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from deepres.checkpoint import (
     save_tensors,
     write_json,
 )
+from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, open_dataset
 from deepres.models import count_params, create_model
 from deepres.report import final_training, read_metrics
 
@@ -85,10 +87,19 @@ def publish(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # A shipped net does not know where it was trained: drop the run's own directory and the
-    # resolved path to the data. The path as given stays, as provenance, and so does
-    # data_source: eval compares it to refuse the net's own training images as a test set.
+    # folders above the data. The data's name stays, as provenance, and a fingerprint of its
+    # decoded images takes the place of the path in eval's refusal to test a net on its own
+    # training images, wherever they lie.
     saved["config"].pop("out", None)
-    saved.pop("data_path", None)
+    # (Runs from before data_path was recorded resolve the path as given, from here.)
+    data_path = saved.pop("data_path", None) or absolute_data(saved["config"]["data"])
+    if data_path not in NAMED_DATA:
+        folder = str(Path(data_path).parent) + os.sep
+        saved["data_source"] = saved["data_source"].replace(folder, "", 1)
+    if saved.get("augment") is None:  # decoded whole, not streamed: cached, so quick again
+        data = locate_data(saved["config"]["data"], data_path)
+        image_size = saved["config"]["image_size"]
+        saved["data_sha256"] = open_dataset(data, "train", image_size=image_size).fingerprint()
     write_json(out / CONFIG, saved)
     shutil.copyfile(run / PREPROCESS, out / PREPROCESS)
     save_tensors(out / WEIGHTS, weights)
@@ -99,6 +110,7 @@ def publish(
         "model": saved["model"],
         "params": count_params(create_model(saved["model"], **saved["model_options"])),
         "data": saved.get("data_source", saved["config"]["data"]),
+        "data_sha256": saved.get("data_sha256"),
         "classes": saved["classes"],
         "iterations": metrics[-1]["iteration"],
         "precision": saved["config"].get("precision", "fp32"),

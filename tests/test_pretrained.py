@@ -1,6 +1,7 @@
 import io
 import json
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
@@ -51,6 +52,28 @@ def test_a_published_net_loads_by_name_with_the_runs_outputs(finished_run, shipp
         **evaluate_run(finished_run, str(tiny_folder)),
         "run": str(shipped / "tiny-colours"),
     }
+
+
+def test_a_shipped_net_refuses_its_training_images_wherever_they_lie(
+    tiny_folder, shipped, tmp_path
+):
+    here = tmp_path / "here" / "colours"
+    shutil.copytree(tiny_folder / "train", here)  # one split only: eval would take it whole
+    run = tmp_path / "bare"
+    train(tiny_config(here, run, iters=2, checkpoint_every=2), progress=False)
+    entry = publish(run, "tiny-bare", "cmd", root=shipped)
+    # The data's name as provenance, not the folders it lay in on the training machine.
+    assert entry["data"] == "colours (image folder, train split)"
+    saved = json.loads((shipped / "tiny-bare" / "config.json").read_text())
+    assert saved["data_source"] == entry["data"] and "data_path" not in saved
+    elsewhere = tmp_path / "elsewhere" / "colours"
+    shutil.copytree(here, elsewhere)
+    for data in (here, elsewhere):
+        with pytest.raises(ValueError, match="tiny-bare was trained on, with no test split"):
+            evaluate_run("tiny-bare", str(data))
+    # One image less is other data: evaluated whole.
+    next((elsewhere / "red").iterdir()).unlink()
+    assert evaluate_run("tiny-bare", str(elsewhere))["n"] == 71
 
 
 def test_bf16_storage_is_cast_back_to_fp32(finished_run, shipped):
