@@ -29,7 +29,9 @@ def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A process killed mid-append can leave a last line without its newline: not a record.
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def final_training(metrics: list[dict]) -> tuple[float, float]:

@@ -697,12 +697,8 @@ def _finish(s: _Session, iteration: int, start_iter: int) -> dict:
 def _truncate_metrics(path: Path, iteration: int) -> None:
     # Records written after the checkpoint will be written again by the resumed run.
     if path.exists():
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration
-        ]
-        write_text(path, "".join(line + "\n" for line in kept))
+        kept = [m for m in read_metrics(path.parent) if m["iteration"] <= iteration]
+        write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
 
 
 def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:

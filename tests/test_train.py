@@ -50,6 +50,21 @@ def test_resumed_run_ends_with_exactly_the_same_weights(tiny_folder, tmp_path):
     assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["finished"]
 
 
+def test_a_half_written_last_metrics_line_is_dropped_on_resume(tiny_folder, tmp_path):
+    whole = tiny_config(tiny_folder, tmp_path / "whole", iters=8)
+    train(whole, progress=False)
+    killed = replace(whole, out=str(tmp_path / "killed"))
+    train(killed, stop_at=6, progress=False)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    # A kill during the append of iteration 8's record: part of a line, no newline.
+    metrics.write_text(metrics.read_text() + '{"iteration": 8, "train_lo')
+    assert [m["iteration"] for m in read_metrics(tmp_path / "killed")] == [2, 4, 6]
+    train(load_config(tmp_path / "killed"), resume=True, progress=False)
+    assert comparable(read_metrics(tmp_path / "whole")) == comparable(
+        read_metrics(tmp_path / "killed")
+    )
+
+
 def test_a_different_seed_gives_different_weights(tiny_folder, tmp_path):
     train(tiny_config(tiny_folder, tmp_path / "a", iters=2), progress=False)
     train(tiny_config(tiny_folder, tmp_path / "b", iters=2, seed=1), progress=False)
