@@ -20,7 +20,7 @@ from deepres.checkpoint import CONFIG, read_json
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
-from deepres.inference import load
+from deepres.inference import load, parse_device
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
 
@@ -250,7 +250,7 @@ def evaluate_run(
         # A run trained on streamed photos has no one image size: its single view is the centre
         # view its training evaluated on (Sec. 3.4's 224 crop of the 256-side image).
         protocol = "center"
-    model = classifier.model.to(device)
+    model = classifier.model.to(parse_device(device))
     record = {"run": str(run), "data": data, "split": split, "protocol": protocol}
     if protocol != "single":
         sizes = {"resize": resize, "crop": crop, "scales": tuple(scales) if scales else scales}

@@ -69,6 +69,12 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     extra = next((k for k in weights if k not in own), None)
     if extra is not None:
         raise ValueError(f"{path}: does not fit the net: the net has no {extra}")
+    # Caught here, not as a "divergence" at the first step that would blame the learning rate.
+    broken = next(
+        (k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
+    if broken is not None:
+        raise ValueError(f"{path}: {broken} holds NaN or infinite values")
     model.load_state_dict(weights, strict=False)
 
 

@@ -81,6 +81,21 @@ class Classifier:
         ]
 
 
+def parse_device(name: str) -> torch.device:
+    """The device a --device flag names: auto (CUDA if there is one, else cpu), cpu, cuda[:N]."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: deepres runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return device
+
+
 def load(run: str | Path) -> Classifier:
     """The trained net of a run directory or shipped net, with its preprocessing, to classify."""
     run = resolve_run(run)

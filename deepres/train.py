@@ -59,6 +59,7 @@ from deepres.data.stream import (
 )
 from deepres.evaluate import error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
+from deepres.inference import parse_device
 from deepres.models import create_model, model_family
 from deepres.provenance import git_commit
 from deepres.recipes import Recipe, default_recipe, get_recipe
@@ -108,12 +109,32 @@ class TrainConfig:
     workers: int | None = None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+def check_config(config: TrainConfig) -> None:
+    """Refuse, in one line naming the flag, numbers no run can be trained with."""
+    at_least = {
+        "--iters": (config.iters, 1),
+        "--batch-size": (config.batch_size, 1),
+        "--width": (config.width, 1),
+        "--checkpoint-every": (config.checkpoint_every, 1),
+        "--eval-every": (config.eval_every, 1),
+        "--val-split": (config.val_split, 0),
+        "--image-size": (config.image_size, 1),
+        "--crop-size": (config.crop_size, 1),
+        "--workers": (config.workers, 0),
+        "--seed": (config.seed, 0),
+    }
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}")
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"--seed {config.seed}: must be below 2**63")
+    for flag, value in (("--epochs", config.epochs), ("--lr", config.lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: must be a positive number")
+    if not (math.isfinite(config.lighting) and config.lighting >= 0):
+        raise ValueError(f"--lighting {config.lighting}: must be a number >= 0 (0: off)")
+    if config.scale is not None and not 0 < config.scale[0] <= config.scale[1]:
+        raise ValueError(f"--scale {config.scale[0]},{config.scale[1]}: must be 0 < LOW <= HIGH")
 
 
 # /proc/cpuinfo flags of CPUs with bf16 arithmetic units; elsewhere autocast emulates bf16.
@@ -190,7 +211,8 @@ def train(
     Launched by `torchrun --nproc_per_node N -m deepres.cli train ...`, N processes train the
     run together with DDP: the recipe's batch size stays the global batch, split evenly.
     """
-    device = distributed.setup(_device(config.device))
+    check_config(config)
+    device = distributed.setup(parse_device(config.device))
     try:
         return _train(config, resume, stop_at, progress, device)
     finally:
@@ -501,8 +523,6 @@ def _recipe(config: TrainConfig, n_train: int, photos: bool) -> tuple[Recipe, in
     if config.batch_size:
         recipe = replace(recipe, batch_size=config.batch_size)
     if config.lr is not None:
-        if not config.lr > 0:
-            raise ValueError(f"--lr {config.lr}: the learning rate must be positive")
         recipe = replace(recipe, lr=config.lr)
     steps_per_epoch = n_train // recipe.batch_size
     if config.epochs is not None:

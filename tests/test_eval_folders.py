@@ -35,6 +35,9 @@ def test_a_bare_class_folder_is_evaluated_whole(bare_run, tiny_folder, capsys):
     for args in (["--data", str(tiny_folder / "train")], []):
         assert main(["eval", str(bare_run), *args]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # So is a device that is not one.
+    assert main(["eval", str(bare_run), "--data", str(held_out), "--device", "banana"]) == 2
+    assert "--device banana: not a device" in capsys.readouterr().err
 
 
 def test_classes_are_matched_by_name(bare_run, tiny_folder, tmp_path):

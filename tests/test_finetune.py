@@ -77,6 +77,12 @@ def test_init_from_the_wrong_net_is_a_one_line_error(tmp_path):
     save_tensors(shallower, {k: v for k, v in model.state_dict().items() if "layer3.2" not in k})
     with pytest.raises(ValueError, match="has no layer3.2.conv1.weight"):
         load_backbone(model, shallower)
+    broken = model.state_dict()
+    broken["layer2.0.bn1.running_var"][3] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    save_tensors(nan, broken)
+    with pytest.raises(ValueError, match="nan.safetensors: layer2.0.bn1.running_var holds NaN"):
+        load_backbone(model, nan)
 
 
 def test_a_pth_is_never_unpickled_beyond_tensors(tmp_path):

@@ -592,13 +592,29 @@ def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, 
     assert recipe["iters"] == 6 and recipe["milestones"] == [3, 4]
     assert json.loads(capsys.readouterr().out)["iteration"] == 6
     bad = [
-        (["--lr", "0", "--device", "cpu"], "--lr 0.0: the learning rate must be positive"),
-        (["--lr", "-0.1", "--device", "cpu"], "--lr -0.1: the learning rate must be positive"),
+        (["--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--lr", "-0.1"], "--lr -0.1: must be a positive number"),
+        (["--lr", "inf"], "--lr inf: must be a positive number"),
+        (["--epochs", "0"], "--epochs 0.0: must be a positive number"),
+        (["--epochs", "nan"], "--epochs nan: must be a positive number"),
+        (["--epochs", "inf"], "--epochs inf: must be a positive number"),
+        (["--iters", "0"], "--iters 0: must be at least 1"),
+        (["--width", "0"], "--width 0: must be at least 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--batch-size", "-1"], "--batch-size -1: must be at least 1"),
+        (["--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
+        (["--eval-every", "-5"], "--eval-every -5: must be at least 1"),
+        (["--seed", str(2**70)], f"--seed {2**70}: must be below 2**63"),
+        (["--lighting", "nan"], "--lighting nan: must be a number >= 0"),
+        (["--scale", "480,256"], "--scale 480,256: must be 0 < LOW <= HIGH"),
+        (["--device", "banana"], "--device banana: not a device"),
     ]
     if not torch.cuda.is_available():
         bad.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
     for flags, message in bad:
         out = tmp_path / "bad"
-        assert main([*base, *flags, "--iters", "2", "--out", str(out)]) == 2
+        budget = [] if {"--iters", "--epochs"} & set(flags) else ["--iters", "2"]
+        device = [] if "--device" in flags else ["--device", "cpu"]
+        assert main([*base, *flags, *budget, *device, "--out", str(out)]) == 2, flags
         assert message in one_line(capsys)
         assert not out.exists()
