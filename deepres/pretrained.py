@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from deepres.checkpoint import (
@@ -24,12 +26,14 @@ from deepres.checkpoint import (
 )
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, open_dataset
 from deepres.models import count_params, create_model
-from deepres.report import final_training, read_metrics
+from deepres.report import METRICS, final_training, read_metrics
 
 SHIPPED = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
 # The issue's limit on a shipped file; larger nets are stored in bf16 (and say so).
 MAX_BYTES = 4 * 1024 * 1024
+# A folder name inside SHIPPED, never a path out of it.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def manifest(root: Path | None = None) -> dict[str, dict]:
@@ -73,19 +77,20 @@ def publish(
     which `load` casts back to fp32.
     """
     run, root = Path(run), Path(root or SHIPPED)
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{name!r}: a shipped net's name is letters, digits, '.', '_' and '-'")
     if not (run / "summary.json").is_file():
         raise ValueError(f"{run}: has no summary.json; only a finished run is published")
     saved = read_json(run / CONFIG)
+    metrics = read_metrics(run)
+    if not metrics:
+        raise ValueError(f"{run / METRICS}: no training records to publish")
     weights, _ = load_tensors(run / WEIGHTS)
     fp32_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if bf16 is None:
         bf16 = fp32_bytes > MAX_BYTES
     if bf16:
         weights = {k: v.bfloat16() if v.is_floating_point() else v for k, v in weights.items()}
-    out = root / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     # A shipped net does not know where it was trained: drop the run's own directory and the
     # folders above the data. The data's name stays, as provenance, and a fingerprint of its
     # decoded images takes the place of the path in eval's refusal to test a net on its own
@@ -100,10 +105,19 @@ def publish(
         data = locate_data(saved["config"]["data"], data_path)
         image_size = saved["config"]["image_size"]
         saved["data_sha256"] = open_dataset(data, "train", image_size=image_size).fingerprint()
-    write_json(out / CONFIG, saved)
-    shutil.copyfile(run / PREPROCESS, out / PREPROCESS)
-    save_tensors(out / WEIGHTS, weights)
-    metrics = read_metrics(run)
+    # Written beside the shipped net and swapped in whole: a failure leaves the old one as it was.
+    root.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        write_json(staged / CONFIG, saved)
+        shutil.copyfile(run / PREPROCESS, staged / PREPROCESS)
+        save_tensors(staged / WEIGHTS, weights)
+        out = root / name
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     train_error, train_loss = final_training(metrics)
     entry = {
         "name": name,

@@ -502,6 +502,9 @@ def _check_run_dir(run: Path, resume: bool) -> None:
         raise FileNotFoundError(f"{run / CHECKPOINT}: no checkpoint to resume from; start again")
     if not resume and (run / CONFIG).exists():
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
+    # A new run writes model.safetensors, metrics.jsonl and more: never over someone's files.
+    if not resume and run.is_dir() and any(run.iterdir()):
+        raise FileExistsError(f"{run}: a folder with files in it, not a run; choose another --out")
 
 
 def _open_data(config: TrainConfig) -> tuple[ImageDataset, torch.Tensor, tuple]:

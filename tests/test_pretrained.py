@@ -13,6 +13,7 @@ from PIL import Image
 import deepres
 from deepres.checkpoint import WEIGHTS, load_tensors
 from deepres.cli import main
+from deepres.data import DataError
 from deepres.evaluate import evaluate_run
 from deepres.models import count_params
 from deepres.pretrained import manifest, publish, resolve_run, sha256
@@ -95,6 +96,23 @@ def test_a_tampered_or_unknown_net_is_refused(finished_run, shipped):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="sha256 differs"):
         deepres.load("tiny-colours")
+
+
+def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp_path):
+    here = tmp_path / "colours"
+    shutil.copytree(tiny_folder, here)
+    run = tiny_run(here, tmp_path / "run")
+    entry = publish(run, "tiny-colours", "cmd", root=shipped)
+    before = {p.name: p.read_bytes() for p in (shipped / "tiny-colours").iterdir()}
+    for name in ("", "..", "../outside", "a/b"):
+        with pytest.raises(ValueError, match="a shipped net's name is letters"):
+            publish(run, name, "cmd", root=shipped)
+    shutil.rmtree(here)  # its data is gone: no fingerprint, so no publishing over the old net
+    with pytest.raises(DataError, match="colours: no such file or directory"):
+        publish(run, "tiny-colours", "other cmd", root=shipped)
+    after = {p.name: p.read_bytes() for p in (shipped / "tiny-colours").iterdir()}
+    assert after == before and manifest(shipped) == {"tiny-colours": entry}
+    assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "tiny-colours"]
 
 
 def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):

@@ -194,6 +194,23 @@ def test_cli_train_eval_predict_load(tiny_folder, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, capsys):
+    args = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    args += ["--iters", "2", "--batch-size", "8", "--device", "cpu", "--quiet", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"someone's weights")
+    (mine / "metrics.jsonl").write_text("someone's notes\n")
+    assert main([*args, str(mine)]) == 2
+    assert "a folder with files in it, not a run" in one_line(capsys)
+    assert (mine / "model.safetensors").read_bytes() == b"someone's weights"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl", "model.safetensors"]
+    # An empty folder is a fine place for a new run.
+    (tmp_path / "empty").mkdir()
+    assert main([*args, str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "summary.json").is_file()
+
+
 def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
