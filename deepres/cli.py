@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from deepres.bench import (
     RESULTS,
@@ -188,9 +188,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     batch: list[tuple[Path, torch.Tensor]] = []
     for path in paths:
         try:
+            if not path.is_file():  # a named pipe would block the read forever
+                raise OSError("not a regular file")
             with Image.open(path) as image:
                 batch.append((path, classifier.to_tensor(image)))
-        except (UnidentifiedImageError, OSError) as err:
+        # Pillow reports a broken file as any of these, a decompression bomb included.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             _print_predictions(classifier, batch, args)  # the files read before it still count
             raise DataError(f"{path}: not an image deepres can read ({err})") from None
         if len(batch) == args.batch_size:

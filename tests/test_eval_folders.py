@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import shutil
@@ -107,6 +108,39 @@ def test_predict_in_batches_answers_each_image_as_alone(bare_run, tiny_folder, t
     for flag in ("--top", "--batch-size"):
         assert main(["predict", str(bare_run), str(folder), flag, "0"]) == 2
         assert capsys.readouterr().err.strip().endswith(f"{flag} 0: must be at least 1")
+
+
+def broken_pngs() -> dict[str, bytes]:
+    """PNGs Pillow refuses in three ways: SyntaxError, ValueError and OSError."""
+    out = io.BytesIO()
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(out, "PNG")
+    png = out.getvalue()
+    i = png.index(b"IDAT")
+    n = int.from_bytes(png[i - 4 : i], "big")
+    # The image data split over two IDAT chunks, the second's type garbled.
+    first = (n // 2).to_bytes(4, "big") + b"IDAT" + png[i + 4 : i + 4 + n // 2] + bytes(4)
+    second = (n - n // 2).to_bytes(4, "big") + b"\xeb8M(" + png[i + 4 + n // 2 : i + 4 + n]
+    return {
+        "garbled-chunk.png": png[: i - 4] + first + second + bytes(4) + png[i + 4 + n + 4 :],
+        "short-ihdr.png": png[:8] + (5).to_bytes(4, "big") + png[12:],
+        "cut.png": png[:20],
+    }
+
+
+def test_predict_names_any_broken_image_after_answering_the_ones_before(
+    bare_run, tiny_folder, tmp_path, capsys
+):
+    good = next((tiny_folder / "test" / "red").iterdir())
+    for name, data in broken_pngs().items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["predict", str(bare_run), str(good), str(tmp_path / name)]) == 2, name
+        out, err = capsys.readouterr()
+        assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
+        assert err.strip().count("\n") == 0 and f"{tmp_path / name}: not an image" in err
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # opened, it would wait for a writer forever
+    assert main(["predict", str(bare_run), str(pipe)]) == 2
+    assert f"{pipe}: not an image deepres can read (not a regular file)" in capsys.readouterr().err
 
 
 def test_a_closed_stdout_ends_the_command_quietly():
