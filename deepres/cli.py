@@ -253,19 +253,37 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
     print("\n".join(describe()) or "no shipped nets")
 
 
-def cmd_status(args: argparse.Namespace) -> None:
-    """deepres status: where each run below the folders stands."""
+def cmd_status(args: argparse.Namespace) -> int:
+    """deepres status: where each run below the folders stands (exit 2 if one is damaged)."""
     runs = find_runs(args.paths)
     if not runs:
         where = ", ".join(map(str, args.paths))
         raise ValueError(f"{where}: no run directory (config.json, metrics.jsonl) here")
-    rows = [run_status(run) for run in runs]
+    rows, broken = [], []
+    for run in runs:
+        # One damaged run is named, and the others are still listed.
+        try:
+            rows.append(run_status(run))
+        except (ValueError, OSError) as err:  # these name the file already
+            broken.append(str(err))
+        except (KeyError, TypeError, AttributeError, ZeroDivisionError) as err:
+            broken.append(f"{run}: a damaged run file ({type(err).__name__}: {err})")
+    if broken and not rows:
+        raise ValueError("; ".join(broken))
+    for line in broken:
+        print(f"deepres status: error: {line}", file=sys.stderr)
     figure = plot_status(rows, args.plot) if args.plot else None
     if args.json:
         print(json.dumps(rows, indent=2))
         if figure:
             print(f"figure: {figure}", file=sys.stderr)  # stdout stays JSON
-        return
+    else:
+        _print_status(rows, figure)
+    return 2 if broken else 0
+
+
+def _print_status(rows: list[dict], figure: Path | None) -> None:
+    """The status table, one run a line."""
     head = ("iteration", "train err %", "lr", "hours", "images/s", "left h")
     print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>8}{head[4]:>10}{head[5]:>8}")
     for r in rows:
@@ -594,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
-            args.func(args)
+            # A command returns an exit status when a part of its work failed (status), else None.
+            code = args.func(args) or 0
             # A reader gone before a buffered stdout was written out is caught here, not when
             # the interpreter exits.
             sys.stdout.flush()
@@ -609,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"deepres {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -541,6 +541,16 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     (stopped / "checkpoint.safetensors").write_bytes(b"not safetensors")
     assert main(["status", str(stopped)]) == 2
     assert "checkpoint.safetensors: not a readable safetensors file" in one_line(capsys)
+    # One damaged run among others: it is named, the others are still listed, and exit 2.
+    assert main(["status", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].split()[:2] == [str(done), "4/4"]
+    assert len(err.strip().splitlines()) == 1 and "stopped/checkpoint.safetensors" in err
+    (done / "summary.json").write_text("[]")  # valid JSON, the wrong shape
+    assert main(["status", str(done)]) == 2
+    assert one_line(capsys).endswith(
+        "done: a damaged run file (AttributeError: 'list' object has no attribute 'get')"
+    )
 
 
 def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
