@@ -29,6 +29,8 @@ from deepres.pretrained import resolve_run
 PROTOCOLS = ("single", "center", "10crop", "multiscale")
 # Table 4's shorter sides; the paper's crop is 224 after resizing the shorter side to 256.
 PAPER_SCALES = (224, 256, 384, 480, 640)
+# A typo such as 100000 would ask for tens of GB per image; the paper's largest side is 640.
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Protocol:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.name!r}")
         if not self.scales or min(self.resize, self.crop, *self.scales) < 1:
             raise ValueError(f"{self.name}: sizes must be positive numbers of pixels")
+        if max(self.resize, self.crop, *self.scales) > MAX_SIDE:
+            raise ValueError(f"{self.name}: sizes above {MAX_SIDE} pixels are refused")
         if self.name != "multiscale" and self.crop > self.resize:
             raise ValueError(f"{self.name}: crop {self.crop} is larger than resize {self.resize}")
 

@@ -57,7 +57,7 @@ from deepres.data.stream import (
     statistics_tensors,
     stream_kind,
 )
-from deepres.evaluate import error_rates, predict_logits
+from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
 from deepres.inference import parse_device
 from deepres.models import create_model, model_family
@@ -135,6 +135,11 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"--lighting {config.lighting}: must be a number >= 0 (0: off)")
     if config.scale is not None and not 0 < config.scale[0] <= config.scale[1]:
         raise ValueError(f"--scale {config.scale[0]},{config.scale[1]}: must be 0 < LOW <= HIGH")
+    sides = {"--image-size": config.image_size, "--crop-size": config.crop_size}
+    sides["--scale"] = max(config.scale) if config.scale else None
+    for flag, side in sides.items():
+        if side is not None and side > MAX_SIDE:
+            raise ValueError(f"{flag} {side}: sizes above {MAX_SIDE} pixels are refused")
 
 
 # /proc/cpuinfo flags of CPUs with bf16 arithmetic units; elsewhere autocast emulates bf16.

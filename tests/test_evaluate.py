@@ -183,6 +183,10 @@ def test_protocol_sizes_default_to_the_paper_or_the_net_input():
         Protocol("center", resize=30, crop=32)
     with pytest.raises(ValueError, match="protocol must be"):
         Protocol("5crop")
+    with pytest.raises(ValueError, match="sizes above 4096 pixels are refused"):
+        Protocol("center", resize=100000, crop=224)
+    with pytest.raises(ValueError, match="sizes above 4096 pixels are refused"):
+        Protocol("multiscale", scales=(224, 100000))
 
 
 def write_mixed_folder(root: Path) -> Path:

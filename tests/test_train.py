@@ -635,6 +635,7 @@ def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, 
         (["--lighting", "nan"], "--lighting nan: must be a number >= 0"),
         (["--scale", "480,256"], "--scale 480,256: must be 0 < LOW <= HIGH"),
         (["--device", "banana"], "--device banana: not a device"),
+        (["--crop-size", "100000"], "--crop-size 100000: sizes above 4096 pixels are refused"),
     ]
     if not torch.cuda.is_available():
         bad.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
