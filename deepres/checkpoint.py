@@ -111,6 +111,34 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
+# What every reader of a run's config.json takes from it, and the kind each must be.
+_CONFIG_KEYS = {
+    "model": str,
+    "model_options": dict,
+    "classes": list,
+    "input_size": list,
+    "config": dict,
+    "recipe": dict,
+}
+
+
+def read_config(run: Path) -> dict:
+    """A run's config.json, checked to be a deepres run's, with an error that names it."""
+    path = Path(run) / CONFIG
+    saved = read_json(path)
+    wrong = next(
+        (
+            k
+            for k, kind in _CONFIG_KEYS.items()
+            if not isinstance(saved, dict) or not isinstance(saved.get(k), kind)
+        ),
+        None,
+    )
+    if wrong is not None:
+        raise ValueError(f"{path}: not the config of a deepres run ({wrong!r} missing or damaged)")
+    return saved
+
+
 def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
 ) -> None:

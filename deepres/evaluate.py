@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from deepres.checkpoint import CONFIG, read_json
+from deepres.checkpoint import read_config
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
@@ -236,7 +236,7 @@ def evaluate_run(
         raise ValueError(f"--split must be test or val, got {split!r}")
     run = resolve_run(run)
     classifier = load(run)
-    saved = read_json(run / CONFIG)
+    saved = read_config(run)
     config = saved["config"]
     given = data is not None
     data = data or locate_data(config["data"], saved.get("data_path"))

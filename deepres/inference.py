@@ -11,7 +11,13 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from deepres.checkpoint import CONFIG, WEIGHTS, load_preprocess, load_tensors, read_json
+from deepres.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    load_preprocess,
+    load_tensors,
+    read_config,
+)
 from deepres.data.augment import CENTER_RESIZE
 from deepres.data.loader import Preprocess
 from deepres.models import create_model
@@ -99,7 +105,7 @@ def parse_device(name: str) -> torch.device:
 def load(run: str | Path) -> Classifier:
     """The trained net of a run directory or shipped net, with its preprocessing, to classify."""
     run = resolve_run(run)
-    saved = read_json(run / CONFIG)
+    saved = read_config(run)
     model = create_model(saved["model"], **saved["model_options"])
     weights, _ = load_tensors(run / WEIGHTS)
     try:

@@ -20,6 +20,7 @@ from deepres.checkpoint import (
     PREPROCESS,
     WEIGHTS,
     load_tensors,
+    read_config,
     read_json,
     save_tensors,
     write_json,
@@ -81,7 +82,7 @@ def publish(
         raise ValueError(f"{name!r}: a shipped net's name is letters, digits, '.', '_' and '-'")
     if not (run / "summary.json").is_file():
         raise ValueError(f"{run}: has no summary.json; only a finished run is published")
-    saved = read_json(run / CONFIG)
+    saved = read_config(run)
     metrics = read_metrics(run)
     if not metrics:
         raise ValueError(f"{run / METRICS}: no training records to publish")

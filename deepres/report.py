@@ -16,6 +16,7 @@ from deepres.checkpoint import (  # noqa: E402
     SUMMARY,
     atomic_write,
     checkpoint_state,
+    read_config,
     read_json,
     write_json,
 )
@@ -54,7 +55,7 @@ def run_status(run: Path) -> dict:
     reports take it) and learning rate, its hours so far and, at its recent speed, the hours
     it has left."""
     run = Path(run)
-    saved = read_json(run / CONFIG)
+    saved = read_config(run)
     try:
         model, recipe = saved["model"], saved["recipe"]
         iters, batch = recipe["iters"], recipe["batch_size"]

@@ -38,6 +38,7 @@ from deepres.checkpoint import (
     load_checkpoint,
     load_preprocess,
     load_tensors,
+    read_config,
     read_json,
     save_checkpoint,
     save_tensors,
@@ -743,8 +744,14 @@ def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
 
 def load_config(run: Path) -> TrainConfig:
     """The TrainConfig of a run, out set to where the run directory is now."""
-    saved = read_json(Path(run) / CONFIG)
+    saved = read_config(run)
     # Older config.json files record out too: the directory given wins.
     known = {f.name for f in fields(TrainConfig)} - {"out"}
-    config = TrainConfig(**{k: v for k, v in saved["config"].items() if k in known}, out=str(run))
+    try:
+        config = TrainConfig(
+            **{k: v for k, v in saved["config"].items() if k in known}, out=str(run)
+        )
+        check_config(config)
+    except TypeError:  # a number saved as a string, say
+        raise ValueError(f"{Path(run) / CONFIG}: its settings are damaged") from None
     return replace(config, data=locate_data(config.data, saved.get("data_path")))

@@ -243,6 +243,29 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     not_image.write_text("hello")
     assert main(["predict", str(run), str(not_image)]) == 2
     assert "x.jpg" in capsys.readouterr().err
+    # A config.json that is valid JSON of the wrong shape is named, by every command.
+    config = run / "config.json"
+    good = config.read_text()
+    damaged = json.loads(good)
+    damaged["config"]["iters"] = "lots"
+    for text, why in (
+        ("{}", "'model' missing or damaged"),
+        ("[]", "'model' missing"),
+        (json.dumps(damaged), "its settings are damaged"),
+    ):
+        config.write_text(text)
+        for args in (
+            ["train", "--resume", str(run)],
+            ["predict", str(run), str(not_image)],
+            ["eval", str(run)],
+            ["export", str(run), "--onnx", str(tmp_path / "m.onnx")],
+        ):
+            if why.startswith("its") and args[0] != "train":
+                continue  # the others do not read the training settings
+            assert main(args) == 2, (text, args)
+            line = one_line(capsys)
+            assert f"{config}: " in line and why in line, (line, args)
+    config.write_text(good)
 
 
 def test_compiled_training_resumes_exactly(tiny_folder, tmp_path):
@@ -537,7 +560,9 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert find_runs([tmp_path]) == [stopped, done]
     (tmp_path / "hf" / "metrics.jsonl").write_text("")
     assert main(["status", str(tmp_path / "hf")]) == 2
-    assert one_line(capsys).endswith("hf/config.json: not the config of a deepres run")
+    assert one_line(capsys).endswith(
+        "hf/config.json: not the config of a deepres run ('model' missing or damaged)"
+    )
     (stopped / "checkpoint.safetensors").write_bytes(b"not safetensors")
     assert main(["status", str(stopped)]) == 2
     assert "checkpoint.safetensors: not a readable safetensors file" in one_line(capsys)

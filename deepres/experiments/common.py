@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from deepres.checkpoint import CHECKPOINT, CONFIG, read_json
+from deepres.checkpoint import CHECKPOINT, CONFIG, read_config
 from deepres.models import count_params, create_model
 from deepres.report import curve, final_training, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
@@ -117,7 +117,7 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
 
 def run_result(run: Path) -> dict:
     """Final errors, params and curves of a finished run, in %."""
-    saved = read_json(run / CONFIG)
+    saved = read_config(run)
     metrics = read_metrics(run)
     split = saved["eval_split"]
     evaluated = [m for m in metrics if f"{split}_error" in m]
