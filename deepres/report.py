@@ -30,9 +30,24 @@ def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS
     if not path.exists():
         return []
-    # A process killed mid-append can leave a last line without its newline: not a record.
-    lines = path.read_text().split("\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
+    try:
+        # A process killed mid-append can leave a last line without its newline: not a record.
+        lines = path.read_text().split("\n")[:-1]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not text") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record["iteration"], int) and record["images"] > 0
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: line {number} is not a training record")
+        records.append(record)
+    return records
 
 
 def final_training(metrics: list[dict]) -> tuple[float, float]:

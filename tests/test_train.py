@@ -59,6 +59,16 @@ def test_a_half_written_last_metrics_line_is_dropped_on_resume(tiny_folder, tmp_
     # A kill during the append of iteration 8's record: part of a line, no newline.
     metrics.write_text(metrics.read_text() + '{"iteration": 8, "train_lo')
     assert [m["iteration"] for m in read_metrics(tmp_path / "killed")] == [2, 4, 6]
+    # A whole line that is not a record is damage, not a kill: named, never dropped quietly.
+    text = metrics.read_text()
+    for bad in ('{"iteration": 8}\n', '{"iteration": 8, "images": 0}\n', "garbage\n"):
+        metrics.write_text(text.replace("\n", "\n" + bad, 1))
+        with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not a training record"):
+            read_metrics(tmp_path / "killed")
+    metrics.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match="metrics.jsonl: not text"):
+        read_metrics(tmp_path / "killed")
+    metrics.write_text(text)
     train(load_config(tmp_path / "killed"), resume=True, progress=False)
     assert comparable(read_metrics(tmp_path / "whole")) == comparable(
         read_metrics(tmp_path / "killed")
