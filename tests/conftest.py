@@ -1,3 +1,4 @@
+import re
 import zipfile
 from pathlib import Path
 
@@ -117,3 +118,19 @@ def cifar_jpeg_folder(root: Path, per_class: int, classes: tuple[str, ...] | Non
             for jpeg in sorted(by_class[name])[:per_class]:
                 (root / name / Path(jpeg).name).write_bytes(archive.read(jpeg))
     return root
+
+
+def patch_zip_headers(path: Path, method: int | None = None, flags: int | None = None) -> Path:
+    """Set every member's compression method or flag bits in a zip's local and central headers:
+    a zip that zipfile lists but cannot read (method 9 is deflate64; flag bit 0, encrypted)."""
+    data = bytearray(path.read_bytes())
+    # The flag bits sit 6 bytes into a local header and 8 into a central one, the method next.
+    for signature, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        for found in re.finditer(signature, bytes(data)):
+            start = found.start() + at
+            if flags is not None:
+                data[start : start + 2] = flags.to_bytes(2, "little")
+            if method is not None:
+                data[start + 2 : start + 4] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path

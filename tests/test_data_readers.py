@@ -5,15 +5,18 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
+import subprocess
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import patch_zip_headers, tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -96,6 +99,16 @@ def test_cifar10_python_missing_batch(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DataError, match="data_batch_4: missing"):
         open_dataset(str(tmp_path))
+
+
+def test_cifar_batches_without_rows_are_no_images(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10_python(tmp_path)
+    empty = pickle.dumps({"data": np.zeros((0, 3072), np.uint8), "labels": []})
+    for batch in [f"data_batch_{i}" for i in range(1, 6)]:
+        (folder / batch).write_bytes(empty)
+    with pytest.raises(DataError, match=f"^{re.escape(str(folder))}: no images in the train split"):
+        open_dataset(str(folder))
 
 
 def test_cifar100_python(tmp_path):
@@ -289,6 +302,32 @@ def test_idx_count_and_size_mismatch(tmp_path):
         open_dataset(str(tmp_path))
 
 
+def test_idx_without_images_is_no_images(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx(np.zeros((0, 28, 28))))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(0)))
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: no images"):
+        open_dataset(str(tmp_path))
+
+
+def test_a_gzip_idx_is_decompressed_no_further_than_its_header_declares(tmp_path):
+    _write_idx(tmp_path, compress=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # A bomb: 3x28x28 declared, 32 MB of zeros after it, in a gzip of some 30 KB.
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(32 << 20), 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="promises 3x28x28 .* but the file holds more"):
+            open_dataset(str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    # A header that declares far more than there is: read as far as the data goes.
+    path.write_bytes(gzip.compress(struct.pack(">4I", 0x803, 2**32 - 1, 2**32 - 1, 2**16 - 1)))
+    with pytest.raises(DataError, match="but the file holds 16$"):
+        open_dataset(str(tmp_path))
+
+
 def test_image_size_applies_to_idx_and_cifar(tmp_path):
     images = _write_idx(tmp_path / "digits", compress=False)
     _write_cifar10_binary(tmp_path / "cifar")
@@ -404,6 +443,52 @@ def test_image_folder_corrupt_file(tmp_path):
         open_dataset(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("method", "flags", "cause"),
+    [
+        (9, None, r"compression method 9 \(deflate64\) is not supported; re-zip with deflate"),
+        (99, None, r"compression method 99 \(AES\) is not supported"),
+        (None, 0x1, "the member is encrypted"),
+    ],
+    ids=["deflate64", "AES", "encrypted"],
+)
+def test_a_zip_member_zipfile_cannot_read_is_named(tmp_path, method, flags, cause):
+    _write_classes(tmp_path / "dir")
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted((tmp_path / "dir").rglob("*.*")):
+            zipped.write(path, path.relative_to(tmp_path / "dir").as_posix())
+    patch_zip_headers(archive, method, flags)
+    with pytest.raises(DataError, match=f"^{re.escape(str(archive))}:cats/a.png: {cause}"):
+        open_dataset(str(archive))
+
+
+def _tar(root: Path, archive: Path, gnu: bool) -> Path:
+    if gnu:
+        subprocess.run(["tar", "cf", str(archive), "-C", str(root), "."], check=True)
+    else:
+        with tarfile.open(archive, "w") as packed:
+            packed.add(root, ".")
+    return archive
+
+
+@pytest.mark.parametrize("gnu", [False, True], ids=["tarfile", "GNU tar"])
+def test_a_tar_cut_at_or_inside_a_header_is_truncated(tmp_path, gnu):
+    if gnu and shutil.which("tar") is None:
+        pytest.skip("no tar program")
+    _write_classes(tmp_path / "dir")
+    archive = _tar(tmp_path / "dir", tmp_path / "images.tar", gnu)
+    assert open_dataset(str(archive)).labels.tolist() == [0, 0, 1, 1]
+    with tarfile.open(archive) as packed:
+        last = packed.getmembers()[-1].offset
+    # tarfile reads a missing or cut header as the end: the archive would just be shorter.
+    for cut in (last, last + 100):
+        short = tmp_path / f"cut{cut}.tar"
+        short.write_bytes(archive.read_bytes()[:cut])
+        with pytest.raises(DataError, match=f"^{re.escape(str(short))}: truncated archive"):
+            open_dataset(str(short))
+
+
 def test_not_a_dataset(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     for spec in (tmp_path / "notes.txt", tmp_path, tmp_path / "absent"):
@@ -411,6 +496,10 @@ def test_not_a_dataset(tmp_path):
             open_dataset(str(spec))
     with pytest.raises(DataError, match="split must be 'train' or 'test'"):
         open_dataset(str(tmp_path), "validation")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(b"\x1f\x8b\x08")  # the first bytes of a gzip stream, and no more
+    with pytest.raises(DataError, match=f"^{re.escape(str(cut))}: corrupt archive"):
+        open_dataset(str(cut))
 
 
 # ---- cache

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import write_photos
+from conftest import patch_zip_headers, write_photos
 from PIL import Image
 
 from deepres.data import DataError
 from deepres.data.augment import Augment, Lighting
 from deepres.data.loader import Preprocess
 from deepres.data.stream import (
+    _MAX_CLASSES,
     PhotoStream,
     decode_center,
     fit_statistics,
@@ -122,6 +123,41 @@ def test_shards_are_read_by_the_webdataset_key_rule(tmp_path):
     bad = write_shard(tmp_path / "u.tar", [("x", data, b"ant")])
     with pytest.raises(DataError, match=r"u.tar:x.cls: not a class number"):
         open_image_files(str(bad))
+
+
+def test_a_shard_cut_inside_a_header_is_truncated(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", [(f"k{i}", b"\xff\xd8", b"0") for i in range(4)])
+    with tarfile.open(shard) as packed:
+        last_image = packed.getmembers()[-2].offset
+    # tarfile reads the cut header as the end: the shard would just hold three samples.
+    shard.write_bytes(shard.read_bytes()[: last_image + 100])
+    with pytest.raises(DataError, match=f"^{shard}: truncated archive"):
+        open_image_files(str(shard))
+
+
+def test_a_class_number_past_the_bound_is_refused(tmp_path):
+    # Classes are named 0..the largest number: one huge .cls would make billions of names.
+    too_large = str(_MAX_CLASSES).encode()
+    shard = write_shard(
+        tmp_path / "s.tar", [("a", b"\xff\xd8", b"0"), ("b", b"\xff\xd8", too_large)]
+    )
+    with pytest.raises(DataError, match=f"s.tar:b.cls: class {too_large.decode()} is too large"):
+        open_image_files(str(shard))
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "cause"),
+    [(9, None, r"compression method 9 \(deflate64\)"), (None, 0x1, "the member is encrypted")],
+    ids=["deflate64", "encrypted"],
+)
+def test_a_zip_member_zipfile_cannot_read_is_named(tmp_path, method, flags, cause):
+    write_photos(tmp_path / "photos", per_class=2)
+    archive = patch_zip_headers(zipped(tmp_path / "photos", tmp_path / "p.zip"), method, flags)
+    files = open_image_files(str(archive))
+    with pytest.raises(DataError, match=f"^{archive}:wrapper/ants/000.jpg: {cause}"):
+        files.read(0)
+    with pytest.raises(DataError, match=cause):
+        stream(files, batch_size=4).batch(0)
 
 
 def test_a_compressed_shard_is_refused_with_the_reason(tmp_path):

@@ -100,6 +100,10 @@ _IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Part of every cache key: raise it when decoding changes, so old entries are not reused.
 _CACHE_FORMAT = 1
+# Names of the zip compression methods Python's zipfile cannot decompress, by header number.
+_ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
+# Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
+_GZIP_CHUNK = 1 << 24
 
 
 @dataclass
@@ -355,6 +359,31 @@ class _Archive:
         return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
 
+def read_zip_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """The bytes of a zip member; a DataError naming it (as where) when they cannot be read."""
+    info = archive.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise DataError(f"{where}: the member is encrypted; re-zip it without a password")
+    try:
+        return archive.read(info)
+    except NotImplementedError as error:
+        method = f"{info.compress_type} ({_ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')})"
+        raise DataError(
+            f"{where}: compression method {method} is not supported; re-zip with deflate"
+        ) from error
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{where}: cannot read ({error})") from error
+
+
+def tar_members(archive: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
+    """The members of an open tar, then a DataError if it ends short of its end-of-archive block."""
+    yield from archive
+    # tarfile takes a header cut short, or missing, for the end of the archive; where it really
+    # ends, it has read a whole block (the zero block that closes every tar) past the last member.
+    if archive.fileobj.tell() - archive.offset < tarfile.BLOCKSIZE:
+        raise DataError(f"{path}: truncated archive")
+
+
 class _Zip(_Archive):
     _errors = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
@@ -369,11 +398,7 @@ class _Zip(_Archive):
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         with zipfile.ZipFile(self.path) as archive:
             for name in names:
-                try:
-                    data = archive.read(name)
-                except self._errors as error:
-                    raise DataError(f"{self.where(name)}: cannot read ({error})") from error
-                yield name, data
+                yield name, read_zip_member(archive, name, self.where(name))
 
 
 class _Tar(_Archive):
@@ -383,7 +408,7 @@ class _Tar(_Archive):
         # Stream mode: a .tar.gz is decompressed once, front to back, never seeked in.
         try:
             with tarfile.open(self.path, "r|*") as archive:
-                for member in archive:
+                for member in tar_members(archive, self.path):
                     name = member.name.removeprefix("./").rstrip("/")
                     if not _visible(name):
                         continue
@@ -428,7 +453,11 @@ def _open_source(spec: str) -> _Source:
         raise DataError(f"{spec}: no such file or directory ({_EXPECTED})")
     if zipfile.is_zipfile(path):
         return _Zip(path.resolve(), spec)
-    if tarfile.is_tarfile(path):
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except (EOFError, OSError, zlib.error) as error:  # a compressed file cut short, say
+        raise DataError(f"{spec}: corrupt archive ({error or type(error).__name__})") from None
+    if is_tar:
         return _Tar(path.resolve(), spec)
     raise DataError(f"{spec}: not a dataset deepres can read ({_EXPECTED})")
 
@@ -496,6 +525,8 @@ def _read(source: _Source, split: str, image_size: int | None) -> ImageDataset:
     if image_size is not None and kind != "image folder":
         images = _resize_all(images, image_size)
     where = source.where(folder)
+    if not len(labels):
+        raise DataError(f"{where}: no images in the {split} split")
     bad = labels[(labels < 0) | (labels >= len(classes))]
     if bad.size:
         raise DataError(f"{where}: label {bad[0]} is out of range for {len(classes)} classes")
@@ -527,28 +558,40 @@ def _idx_files(present: set[str], folder: str, split: str) -> tuple[str, str] | 
 
 
 def _parse_idx(data: bytes, where: str, ndim: int) -> np.ndarray:
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{where}: corrupt gzip data ({error})") from error
+    gzipped = data[:2] == b"\x1f\x8b"
+    file = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else io.BytesIO(data)
     # 0x08 is the unsigned-byte type code; the low byte counts the big-endian int32 dims.
     magic = 0x800 | ndim
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{where}: {len(data)} bytes is too short for an IDX header")
-    (found,) = struct.unpack_from(">I", data)
-    if found != magic:
-        raise DataError(f"{where}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x}")
-    dims = struct.unpack_from(f">{ndim}I", data, 4)
-    expected = header + math.prod(dims)
-    if len(data) != expected:
+    try:
+        head = file.read(header)
+        if len(head) < header:
+            raise DataError(f"{where}: {len(head)} bytes is too short for an IDX header")
+        (found,) = struct.unpack_from(">I", head)
+        if found != magic:
+            raise DataError(f"{where}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x}")
+        dims = struct.unpack_from(f">{ndim}I", head, 4)
+        # No more than the header declares, and a byte to tell a longer file: a few megabytes
+        # of gzip can expand to gigabytes.
+        pixels = _read_at_most(file, math.prod(dims) + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{where}: corrupt gzip data ({error})") from error
+    if len(pixels) != math.prod(dims):
         shape = "x".join(map(str, dims))
+        holds = "more" if len(pixels) > math.prod(dims) else header + len(pixels)
         raise DataError(
-            f"{where}: IDX header promises {shape} bytes of data ({expected} bytes in all)"
-            f" but the file holds {len(data)}"
+            f"{where}: IDX header promises {shape} bytes of data"
+            f" ({header + math.prod(dims)} bytes in all) but the file holds {holds}"
         )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(pixels, np.uint8).reshape(dims)
+
+
+def _read_at_most(file: io.BufferedIOBase, size: int) -> bytes:
+    chunks: list[bytes] = []
+    while size > 0 and (chunk := file.read(min(size, _GZIP_CHUNK))):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
 
 
 def _read_idx(source: _Source, folder: str, split: str) -> tuple[np.ndarray, np.ndarray, list]:

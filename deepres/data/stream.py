@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepres.data.augment import Augment, Lighting, colour_statistics, view
 from deepres.data.loader import SPLIT_SEED, Preprocess, split_train_val
-from deepres.data.readers import list_image_folder
+from deepres.data.readers import list_image_folder, read_zip_member, tar_members
 from deepres.data.safe_pickle import DataError
 
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest the
@@ -41,6 +41,9 @@ _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 _IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "bmp", "gif", "webp"}
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}
+# Shards name classes by number and the classes are 0..the largest: a bound on the largest keeps
+# one bad .cls from making billions of names. Four times ImageNet-21k's 21,841 classes.
+_MAX_CLASSES = 100_000
 # Centre views decoded per DataLoader batch when a whole split is read (held-out set, sample).
 _DECODE_BATCH = 32
 # Images the colour statistics (mean, std, lighting) are computed from.
@@ -83,7 +86,7 @@ class _ZipMembers:
         try:
             if self._archive is None or self._archive[0] != os.getpid():
                 self._archive = (os.getpid(), zipfile.ZipFile(self.path))
-            return self._archive[1].read(name)
+            return read_zip_member(self._archive[1], name, self.where(name))
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error, KeyError) as error:
             raise DataError(f"{self.where(name)}: cannot read ({error})") from error
 
@@ -262,7 +265,7 @@ def _index_shard(shard: Path) -> Iterator[tuple[str, int, int, int]]:
     try:
         # "r:" refuses compressed tars: their members have no offset to seek to.
         with tarfile.open(shard, "r:") as archive:
-            for member in archive:
+            for member in tar_members(archive, shard):
                 match = _KEY.match(member.name.removeprefix("./"))
                 if not (member.isfile() and match):
                     continue
@@ -279,6 +282,11 @@ def _index_shard(shard: Path) -> Iterator[tuple[str, int, int, int]]:
                         raise DataError(
                             f"{shard}:{member.name}: not a class number ({text[:20]!r})"
                         ) from None
+                    if labels[key] >= _MAX_CLASSES:
+                        raise DataError(
+                            f"{shard}:{member.name}: class {labels[key]} is too large"
+                            f" (at most {_MAX_CLASSES - 1})"
+                        )
     except tarfile.ReadError as error:
         raise DataError(
             f"{shard}: not an uncompressed tar ({error}); streaming reads shards by offset,"
