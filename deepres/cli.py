@@ -337,7 +337,12 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 def cmd_bench_infer(args: argparse.Namespace) -> None:
     """deepres bench infer: deepres's inference against the reference."""
-    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: expected sizes of 1 or more, as 32,1")
     r = run_infer_benchmark(
         args.model, sizes, args.iters, args.device, args.image_size, args.command_line
     )

@@ -107,6 +107,9 @@ def test_bench_infer_cli(tmp_path, capsys):
     assert set(result["batch_sizes"]) == {"2", "1"}
     for row in result["batch_sizes"].values():
         assert row["deepres_images_per_sec"] > 0 and row["reference_images_per_sec"] > 0
+    for sizes in ("0", "abc", "32,-1"):
+        assert main(["bench", "infer", "--batch-sizes", sizes]) == 2
+        assert f"--batch-sizes {sizes}: expected sizes of 1 or more" in capsys.readouterr().err
 
 
 def test_saved_results_keep_earlier_runs(tmp_path):
