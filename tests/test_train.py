@@ -222,6 +222,12 @@ def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, 
 
 
 def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
+    # argparse's own errors too: no usage banner before them.
+    for argv in (["train", "--iters", "abc"], ["trian"], ["eval"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert one_line(capsys).endswith("--help)"), argv
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing" in err[0]
