@@ -172,10 +172,26 @@ def _read(path: Path, reader):
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
+def _loop_state(path: Path, state: object) -> dict:
+    """The loop state of a checkpoint, checked to be one a run can go on from."""
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("iteration"), int)
+        and state["iteration"] >= 0
+        and isinstance(state.get("seconds"), int | float)
+        and isinstance(state.get("warming_up"), bool)
+        and isinstance(state.get("window"), list)
+        and len(state["window"]) == 3
+    )
+    if not ok:
+        raise ValueError(f"{path}: its loop state (iteration, seconds, window) is damaged")
+    return state
+
+
 def checkpoint_state(run: Path) -> dict | None:
     """The loop state saved with a run's checkpoint (iteration, seconds), no tensor read."""
     path = Path(run) / CHECKPOINT
-    return _read(path, _metadata) if path.is_file() else None
+    return _loop_state(path, _read(path, _metadata)) if path.is_file() else None
 
 
 def save_checkpoint(
@@ -208,9 +224,10 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
     for key, value in tensors.items():
         if key.startswith("optim/"):
             name, slot = key[len("optim/") :].rsplit("/", 1)
-            device = params[name].device
-            optimizer.state[params[name]][slot] = value.to(device)
-    return {k: v for k, v in state.items() if k != "format"}
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"{path}: {key} belongs to no parameter of the net")
+            optimizer.state[params[name]][slot] = value.to(params[name].device)
+    return _loop_state(path, {k: v for k, v in state.items() if k != "format"})
 
 
 def load_preprocess(run: Path) -> tuple[torch.Tensor, torch.Tensor]:

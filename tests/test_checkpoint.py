@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from deepres.checkpoint import (
+    CHECKPOINT,
+    FORMAT,
     append_text,
     atomic_write,
+    checkpoint_state,
+    load_checkpoint,
     load_tensors,
     read_json,
+    save_checkpoint,
     save_tensors,
     write_json,
 )
@@ -93,3 +98,28 @@ def test_append_text_cuts_a_failed_append_back(tmp_path, monkeypatch):
     assert path.read_text() == '{"iteration": 1}\n'
     append_text(path, '{"iteration": 2}\n')
     assert path.read_text().splitlines() == ['{"iteration": 1}', '{"iteration": 2}']
+
+
+def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"iteration": 4, "seconds": 1.5, "warming_up": False, "window": [0.0, 0.0, 0]}
+    save_checkpoint(tmp_path, model, optimizer, state)
+    assert checkpoint_state(tmp_path) == {"format": FORMAT, **state}
+    assert load_checkpoint(tmp_path, model, optimizer) == state
+    path = tmp_path / CHECKPOINT
+    for damaged in ({**state, "iteration": "4"}, {**state, "window": [1]}, {"iteration": 4}):
+        save_checkpoint(tmp_path, model, optimizer, damaged)
+        for read in (
+            lambda: checkpoint_state(tmp_path),
+            lambda: load_checkpoint(tmp_path, model, optimizer),
+        ):
+            with pytest.raises(ValueError, match=f"{path}: its loop state .* is damaged"):
+                read()
+    tensors, meta = load_tensors(path)
+    tensors["optim/gone/momentum_buffer"] = torch.zeros(2)
+    save_tensors(path, tensors, {**meta, **state})
+    with pytest.raises(ValueError, match="optim/gone/momentum_buffer belongs to no parameter"):
+        load_checkpoint(tmp_path, model, optimizer)
