@@ -136,6 +136,9 @@ def read_config(run: Path) -> dict:
     )
     if wrong is not None:
         raise ValueError(f"{path}: not the config of a deepres run ({wrong!r} missing or damaged)")
+    outputs = saved["model_options"].get("num_classes", len(saved["classes"]))
+    if outputs != len(saved["classes"]):
+        raise ValueError(f"{path}: names {len(saved['classes'])} classes for a net of {outputs}")
     return saved
 
 
@@ -212,8 +215,9 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """Restore model and optimizer from a run's checkpoint; returns the saved loop state."""
     path = Path(run) / CHECKPOINT
     tensors, state = load_tensors(path)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a deepres checkpoint (format {state.get('format')!r})")
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{path}: not a deepres checkpoint (format {found!r})")
     weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     try:
         model.load_state_dict(weights, strict=True)

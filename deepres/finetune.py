@@ -8,6 +8,7 @@ runs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,10 +42,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix not in (".pth", ".pt"):
         raise ValueError(f"{path}: {_EXPECTED}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about the pickle protocol of the very files it is about to refuse.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        # Whatever the file holds that is not a plain state dict ends here, as one line.
+        # Whatever the file holds that is not a plain state dict ends here, as one short line.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first if len(first) <= 160 else first[:157] + "..."
         raise ValueError(f"{path}: not a state dict torch.load reads safely ({first})") from None
     if not (
         isinstance(loaded, dict)
@@ -61,6 +66,10 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     for key, value in own.items():
         if key not in weights:
             raise ValueError(f"{path}: does not fit the net: it has no {key}")
+        if value.is_floating_point() and not weights[key].is_floating_point():
+            raise ValueError(
+                f"{path}: {key} holds {weights[key].dtype}, not floating-point weights"
+            )
         if weights[key].shape != value.shape:
             raise ValueError(
                 f"{path}: does not fit the net: {key} is {list(weights[key].shape)} there, "

@@ -78,6 +78,8 @@ def run_status(run: Path) -> dict:
         raise ValueError(f"{run / CONFIG}: not the config of a deepres run") from None
     finished = (run / SUMMARY).is_file()
     state = read_json(run / SUMMARY) if finished else checkpoint_state(run) or {}
+    if not isinstance(state, dict):
+        raise ValueError(f"{run / SUMMARY}: not a run summary")
     metrics = read_metrics(run)
     last = metrics[-1] if metrics else {}
     iteration = state.get("iteration", 0)

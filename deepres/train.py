@@ -361,6 +361,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
         classes, n_train, source = dataset.classes, len(train_idx), dataset.source
         input_size = list(dataset.images.shape[1:])
+    if len(classes) < 2:
+        raise ValueError(f"{source}: one class ({classes[0]}) only; a classifier needs two or more")
     recipe, steps_per_epoch = _recipe(config, n_train, streaming)
     normalize = config.normalize or recipe.normalize
     if streaming and normalize != "channel":

@@ -119,6 +119,9 @@ def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_
             with pytest.raises(ValueError, match=f"{path}: its loop state .* is damaged"):
                 read()
     tensors, meta = load_tensors(path)
+    save_tensors(path, tensors, [1, 2])  # metadata that is JSON, but no dict
+    with pytest.raises(ValueError, match="not a deepres checkpoint"):
+        load_checkpoint(tmp_path, model, optimizer)
     tensors["optim/gone/momentum_buffer"] = torch.zeros(2)
     save_tensors(path, tensors, {**meta, **state})
     with pytest.raises(ValueError, match="optim/gone/momentum_buffer belongs to no parameter"):

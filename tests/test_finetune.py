@@ -83,6 +83,10 @@ def test_init_from_the_wrong_net_is_a_one_line_error(tmp_path):
     save_tensors(nan, broken)
     with pytest.raises(ValueError, match="nan.safetensors: layer2.0.bn1.running_var holds NaN"):
         load_backbone(model, nan)
+    as_int = tmp_path / "int.safetensors"
+    save_tensors(as_int, {k: v.long() for k, v in model.state_dict().items()})
+    with pytest.raises(ValueError, match="int.safetensors: conv1.weight holds torch.int64"):
+        load_backbone(model, as_int)
 
 
 def test_a_pth_is_never_unpickled_beyond_tensors(tmp_path):

@@ -264,10 +264,12 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     good = config.read_text()
     damaged = json.loads(good)
     damaged["config"]["iters"] = "lots"
+    fewer = {**json.loads(good), "classes": ["blue", "green"]}
     for text, why in (
         ("{}", "'model' missing or damaged"),
         ("[]", "'model' missing"),
         (json.dumps(damaged), "its settings are damaged"),
+        (json.dumps(fewer), "names 2 classes for a net of 3"),
     ):
         config.write_text(text)
         for args in (
@@ -589,9 +591,7 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert len(err.strip().splitlines()) == 1 and "stopped/checkpoint.safetensors" in err
     (done / "summary.json").write_text("[]")  # valid JSON, the wrong shape
     assert main(["status", str(done)]) == 2
-    assert one_line(capsys).endswith(
-        "done: a damaged run file (AttributeError: 'list' object has no attribute 'get')"
-    )
+    assert one_line(capsys).endswith("done/summary.json: not a run summary")
 
 
 def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
@@ -680,6 +680,9 @@ def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, 
     ]
     if not torch.cuda.is_available():
         bad.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+    one = tmp_path / "one-class"
+    shutil.copytree(tiny_folder / "train" / "red", one / "red")
+    bad.append((["--data", str(one)], "one class (red) only; a classifier needs two or more"))
     for flags, message in bad:
         out = tmp_path / "bad"
         budget = [] if {"--iters", "--epochs"} & set(flags) else ["--iters", "2"]
