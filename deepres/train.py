@@ -127,7 +127,7 @@ def check_config(config: TrainConfig) -> None:
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             raise ValueError(f"{flag} {value}: must be at least {low}")
-    if not 0 <= config.seed < 2**63:
+    if config.seed >= 2**63:
         raise ValueError(f"--seed {config.seed}: must be below 2**63")
     for flag, value in (("--epochs", config.epochs), ("--lr", config.lr)):
         if value is not None and not (math.isfinite(value) and value > 0):
