@@ -443,6 +443,22 @@ def test_image_folder_corrupt_file(tmp_path):
         open_dataset(str(tmp_path))
 
 
+def test_image_folder_refuses_a_broken_link(tmp_path):
+    _write_classes(tmp_path)
+    counted = len(readers.image_files(tmp_path))
+    (tmp_path / "dogs" / "gone.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    # A link to an image that exists counts as the image.
+    Image.new("RGB", (8, 8)).save(tmp_path / "real.png")
+    (tmp_path / "cats" / "linked.png").symlink_to(tmp_path / "real.png")
+    broken = r"dogs/gone.jpg: broken symbolic link \(its target .*elsewhere.jpg does not exist\)"
+    with pytest.raises(DataError, match=broken):
+        open_dataset(str(tmp_path))
+    with pytest.raises(DataError, match=broken):
+        readers.image_files(tmp_path)
+    (tmp_path / "dogs" / "gone.jpg").unlink()
+    assert len(readers.image_files(tmp_path)) == counted + 2  # the link and real.png
+
+
 @pytest.mark.parametrize(
     ("method", "flags", "cause"),
     [

@@ -225,11 +225,14 @@ def available_splits(spec: str) -> list[str]:
 def image_files(folder: str | Path) -> list[Path]:
     """The image files in a folder and its subfolders, sorted; hidden files left out."""
     folder = Path(folder)
-    found = sorted(
-        path
-        for path in folder.rglob("*")
-        if _is_image(path.name) and _visible(path.relative_to(folder).as_posix()) and path.is_file()
-    )
+    found = []
+    for path in folder.rglob("*"):
+        if _is_image(path.name) and _visible(path.relative_to(folder).as_posix()):
+            if path.is_file():
+                found.append(path)
+            elif path.is_symlink() and not path.exists():
+                _refuse_broken_link(path)
+    found.sort()
     if not found:
         suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
         raise DataError(f"{folder}: no images ({suffixes}) in this folder or below")
@@ -283,6 +286,11 @@ def _visible(name: str) -> bool:
     return not any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
 
 
+def _refuse_broken_link(path: Path) -> None:
+    # Skipping it would train on fewer images than the folder shows, without a word.
+    raise DataError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+
+
 class _Directory:
     def __init__(self, path: Path, label: str) -> None:
         self.path, self.label = path, label
@@ -303,6 +311,8 @@ class _Directory:
                         pending.append((Path(entry.path), f"{prefix}{entry.name}/", depth - 1))
                     elif entry.is_file():
                         found.append(prefix + entry.name)
+                    elif entry.is_symlink() and _is_image(entry.name):
+                        _refuse_broken_link(Path(entry.path))
         return sorted(found), sorted(folders)
 
     @property
