@@ -214,6 +214,13 @@ def test_restricted_loads_reads_arrays_and_plain_data():
     assert np.array_equal(restricted_loads(old), array)
     # A Python 2 str (SHORT_BINSTRING) stays bytes, as the official CIFAR keys need.
     assert restricted_loads(b"\x80\x02}U\x04dataK\x01s.") == {b"data": 1}
+    # An empty array's buffer is pickled as a call of bytes() with no arguments...
+    empty = restricted_loads(pickle.dumps(np.zeros((0, 3072), np.uint8), 2))
+    assert empty.shape == (0, 3072) and empty.dtype == np.uint8
+    # ...but bytes(n), which allocates n bytes, is not taken from a file.
+    sized = pickle.dumps(b"", 2).replace(b")R", b"J\x00\x00\x00\x40\x85R")
+    with pytest.raises(DataError, match=r"s.pkl: not a readable pickle \(TypeError"):
+        restricted_loads(sized, "s.pkl")
 
 
 def test_restricted_loads_malformed():

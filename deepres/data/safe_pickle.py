@@ -20,9 +20,18 @@ class DataError(ValueError):
 # (numpy.core before 2.0, numpy._core after), without importing a deprecated module.
 _RECONSTRUCT = np.ndarray(0).__reduce__()[0]
 
+
+def _empty_bytes() -> bytes:
+    # Only the empty call: bytes(n) from an untrusted file could ask for any amount of memory.
+    return b""
+
+
 # Every global a CIFAR pickle may name: a module.name outside this table is never imported.
-# _codecs.encode is how protocol-2 pickles written by Python 3 spell a bytes object.
+# _codecs.encode is how protocol-2 pickles written by Python 3 spell a bytes object, and
+# __builtin__.bytes() how they spell an empty one (the buffer of an empty array).
 _ALLOWED = {
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
