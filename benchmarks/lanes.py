@@ -49,9 +49,11 @@ def lane(model_name: str, batch_size: int, seconds: float, warmup: int) -> float
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def run_lanes(args: argparse.Namespace, lanes: int, threads: int) -> list[float]:
+def run_lanes(
+    args: argparse.Namespace, lanes: int, threads: int, wait_policy: str = "PASSIVE"
+) -> list[float]:
     """Start `lanes` processes of `threads` threads each at once; their images/s."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": wait_policy}
     command = [sys.executable, __file__, "--lane", "--model", args.model]
     command += ["--batch-size", str(args.batch_size), "--seconds", str(args.seconds)]
     children = [

@@ -1,0 +1,60 @@
+"""One training run on all cores with spinning and with passive OpenMP waits: images/s as JSON.
+
+    .venv/bin/python benchmarks/omp_wait_policy.py --seconds 20 --rounds 4
+
+`make campaign` sets OMP_WAIT_POLICY=PASSIVE because spinning threads slow a step several times
+over when other processes share the cores (omp-wait-policy-cpu-avx2-shared-*.json). This is
+the other side of that choice: what passive waits cost a run that has the machine to itself, as
+`make campaign LANES=1` runs. Run it on an idle machine. Each round runs one process per policy
+(deepres's training step, as benchmarks/lanes.py times it), the order reversed every other
+round; the median of each policy is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+from lanes import run_lanes
+
+from deepres.provenance import machine
+
+POLICIES = ("ACTIVE", "PASSIVE")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    threads = os.cpu_count() or 1
+    speeds: dict[str, list[float]] = {policy: [] for policy in POLICIES}
+    for r in range(args.rounds):
+        for policy in POLICIES if r % 2 == 0 else reversed(POLICIES):
+            speeds[policy].append(run_lanes(args, 1, threads, policy)[0])
+    medians = {policy: statistics.median(values) for policy, values in speeds.items()}
+    result = {
+        "benchmark": "omp_wait_policy",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": threads,
+        "seconds_per_run": args.seconds,
+        "rounds": args.rounds,
+        "images_per_sec": medians,
+        "per_round_images_per_sec": speeds,
+        "passive_over_active": medians["PASSIVE"] / medians["ACTIVE"],
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
