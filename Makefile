@@ -97,10 +97,12 @@ land: setup
 	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
 	done
 
-# Where the campaign stands, finished nets and unfinished alike: the table, and one figure of
-# every run's training curve so far, for the README.
+# Where the campaign stands, finished nets and unfinished alike, for the README: the status of
+# every run (with its training error over each 1,000 iterations, to compare runs at matched
+# iterations) and one figure of every run's training curve so far.
 progress: setup
-	$(VENV)/bin/deepres status $(CAMPAIGN_RUNS) --plot docs/results/campaign-progress.png
+	$(VENV)/bin/deepres status $(CAMPAIGN_RUNS) --json --plot docs/results/campaign-progress.png \
+	  > docs/results/campaign-progress.json.tmp && mv docs/results/campaign-progress.json.tmp docs/results/campaign-progress.json
 
 # Issue 10's short runs: resnet18 and plain18 from scratch on the 245 training photos of
 # hymenoptera (Sec. 3.4's augmentation, the ImageNet recipe over 30 epochs at batch 32), each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -65,6 +66,23 @@ def final_training(metrics: list[dict]) -> tuple[float, float]:
     return error, loss
 
 
+def block_errors(metrics: list[dict], block: int) -> list[dict]:
+    """Training error (%) over each whole block of `block` iterations a run has passed.
+
+    Runs at different stages compare at the same iterations this way: ResNet-56 against
+    ResNet-20 over iterations 6,001-7,000, say, rather than each at the end of its log.
+    """
+    out = []
+    last = metrics[-1]["iteration"] if metrics else 0
+    for end in range(block, last + 1, block):
+        window = [m for m in metrics if end - block < m["iteration"] <= end]
+        images = sum(m["images"] for m in window)
+        if images:
+            error = sum(m["train_error"] * m["images"] for m in window) / images
+            out.append({"iterations": [end - block + 1, end], "train_error": round(error, 2)})
+    return out
+
+
 def run_status(run: Path) -> dict:
     """Where a run stands: the iteration it would resume from, its training error (as the
     reports take it) and learning rate, its hours so far and, at its recent speed, the hours
@@ -102,7 +120,14 @@ def run_status(run: Path) -> dict:
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,
         "hours_left": left,
+        "train_error_by_block": block_errors(metrics, _block(iters, saved)),
     }
+
+
+def _block(iters: int, saved: dict) -> int:
+    # 1/64 of the budget (1,000 iterations at the full 64k), in whole log windows.
+    every = saved.get("config", {}).get("log_every") or 1
+    return max(1, math.ceil(iters / 64 / every)) * every
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

@@ -594,6 +594,30 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert one_line(capsys).endswith("done/summary.json: not a run summary")
 
 
+def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path):
+    # Image-weighted over each whole block: runs at different stages compare block by block.
+    windows = [
+        {"iteration": i, "train_error": e, "images": n}
+        for i, e, n in ((50, 10.0, 100), (100, 20.0, 300), (150, 30.0, 100), (200, 40.0, 100))
+    ]
+    assert report.block_errors(windows, 100) == [
+        {"iterations": [1, 100], "train_error": 17.5},
+        {"iterations": [101, 200], "train_error": 35.0},
+    ]
+    # A block the run has not passed yet is left out.
+    assert report.block_errors(windows[:3], 100) == [{"iterations": [1, 100], "train_error": 17.5}]
+    # The block is 1/64 of the budget in whole log windows: 1,000 iterations at the full 64k.
+    assert report._block(64000, {"config": {"log_every": 50}}) == 1000
+    assert report._block(2000, {"config": {"log_every": 50}}) == 50
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=8), progress=False)
+    status = run_status(run)
+    metrics = read_metrics(run)
+    block = report._block(8, json.loads((run / "config.json").read_text()))
+    assert status["train_error_by_block"] == report.block_errors(metrics, block)
+    assert status["train_error_by_block"][-1]["iterations"][1] == metrics[-1]["iteration"]
+
+
 def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
     tiny_folder, tmp_path, monkeypatch
 ):
