@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (4096,))
@@ -120,6 +124,9 @@ def main() -> None:
                     k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
                 },
                 "machine": machine(),
+                "command": shlex.join(["python", *sys.argv]),
+                # What else shared the cores before the profile itself loaded them.
+                "load_average_at_start": load_at_start,
             },
             indent=2,
         )

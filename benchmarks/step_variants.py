@@ -17,13 +17,18 @@ single-thread variants fairly.
 - compile_model: torch.compile of the net alone, as `deepres train --compile` does
 - compile_loss: torch.compile of the net and the loss together, the form a synthetic
   benchmark usually takes
+- eager_bf16: the eager step under bf16 autocast, as `--precision bf16` trains (emulated, and
+  far slower, on a CPU without avx512_bf16 or amx_bf16)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -33,7 +38,7 @@ from deepres import create_model
 from deepres.models.blocks import ZeroPadShortcut
 from deepres.provenance import machine
 
-VARIANTS = ("eager", "eager_nchw", "eager_pool", "compile_model", "compile_loss")
+VARIANTS = ("eager", "eager_nchw", "eager_pool", "compile_model", "compile_loss", "eager_bf16")
 
 
 class PoolShortcut(ZeroPadShortcut):
@@ -61,7 +66,8 @@ def make_step(variant: str, model_name: str, batch_size: int):
     net = torch.compile(model) if variant == "compile_model" else model
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(net(x), y)
+        with torch.autocast("cpu", torch.bfloat16, enabled=variant == "eager_bf16"):
+            return F.cross_entropy(net(x), y)
 
     forward = torch.compile(loss_of) if variant == "compile_loss" else loss_of
 
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     variants = args.variants.split(",")
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     steps, warmup = {}, {}
     for v in variants:
         steps[v] = make_step(v, args.model, args.batch_size)
@@ -120,6 +127,9 @@ def main() -> None:
                 "rounds_images_per_sec": {v: [round(x) for x in r] for v, r in rates.items()},
                 "warmup_seconds": {v: round(s, 1) for v, s in warmup.items()},
                 "machine": machine(),
+                "command": shlex.join(["python", *sys.argv]),
+                # What else shared the cores before the benchmark itself loaded them.
+                "load_average_at_start": load_at_start,
             },
             indent=2,
         )

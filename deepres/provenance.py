@@ -16,15 +16,18 @@ def machine() -> dict:
     """The machine, torch version and git commit a result was made with."""
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
+    mhz = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-            if flags and cpu:
+            if flags and mhz:
                 break
-    except OSError:
+    except (OSError, ValueError):
         pass
     info = {
         "platform": platform.platform(),
@@ -32,7 +35,12 @@ def machine() -> dict:
         # The vector units a CPU speed depends on: the same torch runs 2x apart across these.
         "cpu_flags": sorted(flags & SPEED_FLAGS),
         "cpu_count": os.cpu_count(),
+        "cpu_mhz": mhz,
         "torch_threads": torch.get_num_threads(),
+        # Whatever else shared the cores when the record was made (the measured job included),
+        # and how OpenMP threads were told to wait: both move CPU timings by several times.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_"))},
         "torch": torch.__version__,
         "git_commit": git_commit(),
     }

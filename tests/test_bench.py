@@ -10,6 +10,7 @@ from deepres.bench import REFERENCE, save_result
 from deepres.cli import main
 from deepres.inference import fold_batchnorm
 from deepres.models import count_params, create_model
+from deepres.provenance import machine
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +160,15 @@ def test_reference_photo_views_have_the_crop_size(reference, augment):
         else:
             out = reference.scale_crop(photo, 16, 20, 30)
         assert out.size == (16, 16)
+
+
+def test_machine_record_says_what_shared_the_cores(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr("os.getloadavg", lambda: (2.004, 1.5, 0.25))
+    record = machine()
+    assert (
+        record["omp_env"].items() >= {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}.items()
+    )
+    assert record["load_average"] == [2.0, 1.5, 0.25]
+    assert record["cpu_mhz"] is None or record["cpu_mhz"] > 0
