@@ -65,14 +65,16 @@ CAMPAIGN_LOGS ?= runs/campaign-logs
 CAMPAIGN_BUDGET ?= full
 LANES ?= 2
 LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
-# OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a training step slowed 4x whenever a
-# test or build shared the cores; passive waits cost about 5% when the machine is idle.
+# OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a two-thread step slowed 4x whenever a
+# test or build shared the cores; passive waits cost it 14% on an idle machine
+# (benchmarks/omp_wait_policy.py). A lane of one thread never waits, so it matters for LANES=1.
+OMP_WAIT ?= PASSIVE
 campaign: setup
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@for lane in $$(seq $(LANES)); do \
 	  ( for m in $(CAMPAIGN_NETS); do \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json && continue; \
-	      OMP_NUM_THREADS=$(LANE_THREADS) OMP_WAIT_POLICY=PASSIVE flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
+	      OMP_NUM_THREADS=$(LANE_THREADS) OMP_WAIT_POLICY=$(OMP_WAIT) flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
 	        $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
 	        --models $$m --runs $(CAMPAIGN_RUNS) --out $(CAMPAIGN_REPORTS)/$$m >> $(CAMPAIGN_LOGS)/$$m.log 2>&1; \
 	      code=$$?; test $$code = 75 && continue; \
