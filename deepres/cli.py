@@ -280,7 +280,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"figure: {figure}", file=sys.stderr)  # stdout stays JSON
     else:
         _print_status(rows, figure)
+        if args.blocks:
+            _print_blocks(rows)
     return 2 if broken else 0
+
+
+def _print_blocks(rows: list[dict]) -> None:
+    """Training error % block by block, the runs side by side: runs compared at equal iterations."""
+    names = [Path(r["run"]).name for r in rows]
+    if len(set(names)) < len(names):  # runs of one name in different folders
+        names = [r["run"] for r in rows]
+    table: dict[tuple[int, int], dict[str, float]] = {}
+    for name, row in zip(names, rows, strict=True):
+        for block in row["train_error_by_block"]:
+            table.setdefault(tuple(block["iterations"]), {})[name] = block["train_error"]
+    width = max(10, *map(len, names)) + 2
+    print()
+    print(f"{'iterations':<16}" + "".join(f"{name:>{width}}" for name in names))
+    for (first, last), errors in sorted(table.items()):
+        cells = (f"{errors[n]:.2f}" if n in errors else "-" for n in names)
+        print(f"{f'{first:,}-{last:,}':<16}" + "".join(f"{c:>{width}}" for c in cells))
 
 
 def _print_status(rows: list[dict], figure: Path | None) -> None:
@@ -538,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--plot", type=Path, metavar="PNG", help="also draw their error curves in one figure"
+    )
+    p.add_argument(
+        "--blocks",
+        action="store_true",
+        help="also their training error over each 1/64 of the budget, one column a run",
     )
     p.set_defaults(func=cmd_status)
 

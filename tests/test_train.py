@@ -594,7 +594,7 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert one_line(capsys).endswith("done/summary.json: not a run summary")
 
 
-def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path):
+def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path, capsys):
     # Image-weighted over each whole block: runs at different stages compare block by block.
     windows = [
         {"iteration": i, "train_error": e, "images": n}
@@ -616,6 +616,18 @@ def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path
     block = report._block(8, json.loads((run / "config.json").read_text()))
     assert status["train_error_by_block"] == report.block_errors(metrics, block)
     assert status["train_error_by_block"][-1]["iterations"][1] == metrics[-1]["iteration"]
+    # --blocks: the same numbers, block by block, one column a run ("-" where a run has not
+    # passed the block yet).
+    train(tiny_config(tiny_folder, tmp_path / "short", iters=4), progress=False)
+    assert main(["status", str(tmp_path), "--blocks"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[0].split() == ["iterations", "run", "short"]
+    by_block = {b["iterations"][1]: b["train_error"] for b in status["train_error_by_block"]}
+    for line in table[1:]:
+        span, long, short = line.split()
+        last = int(span.split("-")[1].replace(",", ""))
+        assert float(long) == by_block[last]
+        assert (short == "-") == (last > 4)
 
 
 def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(
