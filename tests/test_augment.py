@@ -77,6 +77,24 @@ def test_views_have_the_crop_size_and_some_are_mirrored():
     assert np.array_equal(centre, view(data, "p.png", augment, None))
 
 
+@pytest.mark.parametrize(("kind", "draw"), [("scale", scale_box), ("rrc", rrc_box)])
+def test_a_training_view_is_the_box_its_augmentation_draws(kind, draw):
+    data = encoded(smooth_photo(60, 40))
+    augment = Augment(kind, crop=16, sizes=(20, 30), draft=False)
+    centre = view(data, "p.png", augment, None)
+    differs = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        box = draw(60, 40, rng, augment)
+        expected = resized_crop(Image.open(io.BytesIO(data)), box, 16, draft=False)
+        if rng.random() < 0.5:
+            expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        got = view(data, "p.png", augment, np.random.default_rng(seed))
+        assert np.array_equal(got, np.asarray(expected))
+        differs += not np.array_equal(got, centre)
+    assert differs >= 6  # random views, not the centre view
+
+
 def test_random_resized_crop_boxes_keep_area_and_ratio_in_range():
     augment = Augment("rrc", crop=16, sizes=(16, 16))
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@ import json
 import math
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from deepres.data.readers import read_full_size
 from deepres.evaluate import (
     Protocol,
     center_crop,
+    channel_preprocess,
     default_protocol,
     dense_logits,
     error_rates,
@@ -296,7 +298,21 @@ def test_cli_eval_protocols_json(mixed_run, capsys):
     assert "positive" in capsys.readouterr().err
 
 
-def test_protocols_agree_with_a_library_call(mixed_run, mixed_folder):
+def test_channel_preprocess_averages_a_pixel_mean_over_the_pixels():
+    # Views of other sizes than the training images' subtract the per-pixel mean's average.
+    images = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8)
+    pixel = Preprocess.fit(images, "pixel")
+    channel = channel_preprocess(pixel)
+    assert channel.mean.shape == channel.std.shape == (3, 1, 1)
+    assert torch.allclose(channel.mean[:, 0, 0], pixel.mean.mean((1, 2)))
+    # At the training size, the two agree over the pixels on average.
+    assert torch.allclose(channel(images).mean((0, 2, 3)), pixel(images).mean((0, 2, 3)), atol=1e-5)
+    # A per-channel normalisation is its own average.
+    fitted = Preprocess.fit(images, "channel")
+    assert torch.equal(channel_preprocess(fitted).mean, fitted.mean)
+
+
+def test_protocols_agree_with_a_library_call(mixed_run, mixed_folder, capsys):
     result = evaluate_run(mixed_run, protocol="10crop")
     single = evaluate_run(mixed_run)
     assert result["protocol"] == "10crop" and single["protocol"] == "single"
@@ -313,6 +329,19 @@ def test_protocols_agree_with_a_library_call(mixed_run, mixed_folder):
         single["top1_error"]
         == error_rates(classifier(dataset.images), dataset.labels)["top1_error"]
     )
+    # --resize, --crop and --scales replace the protocol's own sizes.
+    for name, sizes, flags in (
+        ("center", {"resize": 12, "crop": 10}, ["--resize", "12", "--crop", "10"]),
+        ("multiscale", {"scales": (9, 14)}, ["--scales", "9,14"]),
+    ):
+        views = replace(default_protocol(name, "cifar", 8), **sizes)
+        _, _, pairs = read_full_size(str(mixed_folder), "test")
+        probs, labels = predict_protocol(classifier.model, pairs, classifier.preprocess, views)
+        expected = error_rates(probs, labels)["per_class_error"]
+        assert main(["eval", str(mixed_run), "--protocol", name, *flags, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["per_class_error"] == expected
+        # (and the sizes given make a difference here, so a flag left behind would show)
+        assert evaluate_run(mixed_run, protocol=name)["per_class_error"] != expected
 
 
 @pytest.mark.skipif(not HYMENOPTERA.is_file(), reason=f"{HYMENOPTERA} is absent")

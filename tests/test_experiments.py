@@ -204,6 +204,13 @@ def test_layer_stds_match_a_direct_computation():
         h.remove()
     stds = layer_stds(model, [x[:4], x[4:]])
     assert len(stds) == 19
+    # Fig. 7's responses: the BN after each 3x3 conv (before the addition and the ReLU), the
+    # stem's first, then each block's two, in depth order.
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
+    assert response_layers(model) == [model.bn1, *[bn for b in blocks for bn in (b.bn1, b.bn2)]]
+    resnet50 = create_model("resnet50")  # a bottleneck's one 3x3 conv is its second
+    stages = (resnet50.layer1, resnet50.layer2, resnet50.layer3, resnet50.layer4)
+    assert response_layers(resnet50) == [resnet50.bn1, *[b.bn2 for s in stages for b in s]]
     expected = [o.double().std(unbiased=False).item() for o in outputs]
     assert stds == pytest.approx(expected, rel=1e-6)
 

@@ -79,6 +79,35 @@ def test_batch_stream_visits_every_image_once_per_epoch_and_is_stateless():
         BatchStream(images, labels, pre, batch_size=64, seed=0)
 
 
+def test_batch_stream_augments_every_training_batch():
+    # The paper's pad-4 crop and flip on by default: each sample of a batch is a crop (maybe
+    # flipped) of its zero-padded unaugmented self, and the crops differ between samples.
+    images = torch.randint(1, 256, (32, 3, 6, 6), dtype=torch.uint8)
+    labels = torch.arange(32)
+    pre = Preprocess(torch.zeros(3, 6, 6), torch.ones(3, 1, 1))  # no zeros but the padding
+    plain = BatchStream(images, labels, pre, batch_size=16, seed=3, augment=False)
+    augmented = BatchStream(images, labels, pre, batch_size=16, seed=3)
+    for iteration in (0, 3):
+        x, y = plain.batch(iteration)
+        out, same_y = augmented.batch(iteration)
+        assert torch.equal(same_y, y) and not torch.equal(out, x)
+        padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        offsets = set()
+        for i in range(len(x)):
+            found = [
+                (dy, dx, flip)
+                for dy in range(9)
+                for dx in range(9)
+                for flip in (False, True)
+                if torch.equal(
+                    out[i], padded[i, :, dy : dy + 6, dx : dx + 6].flip(2 if flip else ())
+                )
+            ]
+            assert found, f"sample {i} of iteration {iteration} is not a crop of its padded image"
+            offsets.add(found[0])
+        assert len(offsets) > 4
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_batch_stream_shards_make_up_the_single_process_batch(world):
     images = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)

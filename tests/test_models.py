@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deepres.cli import main
 from deepres.models import (
@@ -127,12 +128,28 @@ def test_zero_init_residual_zeroes_the_last_bn_of_each_block():
     assert all(torch.count_nonzero(b.bn2.weight) > 0 for b in blocks)
     default = create_model("resnet20")
     assert all(torch.count_nonzero(b.bn2.weight) > 0 for b in default.layer1)
+    # Basic blocks too: their second BN. A plain net has no identity to start as, so none.
+    basic = [m for m in create_model("resnet20", zero_init_residual=True).modules()]
+    basic = [m for m in basic if isinstance(m, BasicBlock)]
+    assert len(basic) == 9 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in basic)
+    assert all(torch.count_nonzero(b.bn1.weight) > 0 for b in basic)
+    plain = create_model("plain20", zero_init_residual=True)
+    assert all(
+        torch.count_nonzero(m.weight) > 0 for m in plain.modules() if hasattr(m, "running_var")
+    )
 
 
 def test_he_initialisation_scale():
-    conv = create_model("resnet56").layer3[0].conv2
+    # fan_out, as the paper's [13] and torchvision: a 16->32 conv has std sqrt(2 / (32 * 9)),
+    # where fan_in would give sqrt(2 / (16 * 9)).
+    conv = create_model("resnet56").layer2[0].conv1
+    assert (conv.in_channels, conv.out_channels) == (16, 32)
     fan_out = conv.out_channels * 9
-    assert abs(conv.weight.std().item() - (2 / fan_out) ** 0.5) < 0.1 * (2 / fan_out) ** 0.5
+    assert abs(conv.weight.std().item() - (2 / fan_out) ** 0.5) < 0.05 * (2 / fan_out) ** 0.5
+    # Normal, not uniform: about 4.6% of a normal's draws lie beyond 2 std, none of a uniform's
+    # (whose bound is sqrt(3) std).
+    outside = (conv.weight.abs() > 2 * (2 / fan_out) ** 0.5).float().mean().item()
+    assert 0.03 < outside < 0.065
 
 
 def test_cifar_shapes_options_and_grayscale():
@@ -179,6 +196,50 @@ def test_state_dict_keys_follow_torchvision(name, layers, bottleneck, n_keys):
     keys = sorted(create_model(name).state_dict())
     assert keys == torchvision_keys(layers, bottleneck)
     assert len(keys) == n_keys
+
+
+def _bn(m: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                t.data.normal_()
+            m.running_var.data.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("stride_in_1x1", [True, False])
+def test_a_bottleneck_computes_the_papers_block(stride_in_1x1):
+    # Written out from Fig. 5 (right) with option B's projection: a missing ReLU, a stride in
+    # the wrong conv or a shortcut added after the last ReLU would each change the output.
+    torch.manual_seed(0)
+    block = create_model("resnet50", stride_in_1x1=stride_in_1x1).layer2[0]
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, 256, 16, 16)
+    s1, s3 = (2, 1) if stride_in_1x1 else (1, 2)
+    out = F.relu(_bn(block.bn1, F.conv2d(x, block.conv1.weight, stride=s1)))
+    out = F.relu(_bn(block.bn2, F.conv2d(out, block.conv2.weight, stride=s3, padding=1)))
+    out = _bn(block.bn3, F.conv2d(out, block.conv3.weight))
+    shortcut = _bn(block.downsample[1], F.conv2d(x, block.downsample[0].weight, stride=2))
+    with torch.no_grad():
+        assert torch.allclose(block(x), F.relu(out + shortcut), atol=1e-5)
+
+
+def test_a_basic_block_computes_the_papers_block():
+    # Fig. 5 (left), with the projection that changes the shape (option B, ResNet-18's default).
+    torch.manual_seed(0)
+    block = create_model("resnet18").layer2[0]
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, 64, 16, 16)
+    out = F.relu(_bn(block.bn1, F.conv2d(x, block.conv1.weight, stride=2, padding=1)))
+    out = _bn(block.bn2, F.conv2d(out, block.conv2.weight, padding=1))
+    shortcut = _bn(block.downsample[1], F.conv2d(x, block.downsample[0].weight, stride=2))
+    with torch.no_grad():
+        assert torch.allclose(block(x), F.relu(out + shortcut), atol=1e-5)
 
 
 def test_torchvision_resnet50_weights_load_into_v15():

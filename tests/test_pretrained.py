@@ -77,9 +77,16 @@ def test_a_shipped_net_refuses_its_training_images_wherever_they_lie(
     assert evaluate_run("tiny-bare", str(elsewhere))["n"] == 71
 
 
-def test_bf16_storage_is_cast_back_to_fp32(finished_run, shipped):
+def test_bf16_storage_is_cast_back_to_fp32(finished_run, shipped, capsys):
     entry = publish(finished_run, "tiny-bf16", "cmd", root=shipped, bf16=True)
     assert entry["stored_as"] == "bf16"
+    # The same from the command line: --bf16, or fp32 for a net this small without it.
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    for name, flags, stored in (("tiny-cli-bf16", ["--bf16"], "bf16"), ("tiny-cli", [], "fp32")):
+        assert main(["publish", str(finished_run), name, "--command", "cmd", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["stored_as"] == stored
+        weights, _ = load_tensors(shipped / name / WEIGHTS)
+        assert weights["fc.weight"].dtype == dtypes[stored]
     weights, _ = load_tensors(shipped / "tiny-bf16" / WEIGHTS)
     assert weights["fc.weight"].dtype == torch.bfloat16
     assert weights["bn1.num_batches_tracked"].dtype == torch.int64

@@ -185,6 +185,9 @@ def test_the_shuffle_is_a_function_of_seed_and_epoch(photo_folder):
     x, y = a.batch(4)
     assert y.tolist() == [files.labels[i] for i in a.indices(4)]
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
+    # Training views are random crops, not the centre views a test sees.
+    centre = a.preprocess(decode_center(files, AUGMENT)[a.indices(4)])
+    assert not torch.isclose(x, centre, atol=1e-4).flatten(1).all(1).any()
 
 
 def test_a_resumed_stream_gives_exactly_the_same_batches(photo_folder):

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -105,16 +105,27 @@ def test_run_directory_contents_and_metrics(tiny_folder, tmp_path):
     metrics = read_metrics(run)
     assert [m["iteration"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert [m["lr"] for m in metrics] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001, 0.001])
-    assert all("val_error" in m for m in metrics if m["iteration"] % 4 == 0)
+    # Evaluated every eval_every (4) iterations, and not in between.
+    assert [m["iteration"] for m in metrics if "val_error" in m] == [4, 8, 12]
     assert summary["eval_split"] == "val" and summary["val_error"] == metrics[-1]["val_error"]
     assert all(0 <= m["train_error"] <= 100 for m in metrics)
 
 
-def test_warmup_recipe_holds_lr_low_until_training_error_below_80(tiny_folder, tmp_path):
-    # Three classes start near 67% error, so the warm-up ends after the first window.
-    train(tiny_config(tiny_folder, tmp_path / "w", iters=8, recipe="cifar-warmup"), progress=False)
+def test_warmup_recipe_holds_lr_low_until_training_error_below_80(
+    tiny_folder, tmp_path, monkeypatch
+):
+    # Three classes start near 67% error, so the warm-up ends after the first window...
+    config = tiny_config(tiny_folder, tmp_path / "w", iters=16, recipe="cifar-warmup")
+    train(config, stop_at=4, progress=False)
+    # ...and a resumed run knows it ended: it does not warm up again (milestones at 8 and 12).
+    train(load_config(tmp_path / "w"), resume=True, progress=False)
     lrs = [m["lr"] for m in read_metrics(tmp_path / "w")]
-    assert lrs[0] == 0.01 and lrs[1] == 0.1
+    assert lrs[:4] == [0.01, 0.1, 0.1, 0.1] and lrs[4] == pytest.approx(0.01)
+    # With an error threshold never reached, the run stays at the warm-up lr throughout.
+    never = replace(RECIPES["cifar-warmup"], warmup_until_error=0.0)
+    monkeypatch.setitem(RECIPES, "cifar-warmup", never)
+    train(replace(config, out=str(tmp_path / "never")), progress=False)
+    assert {m["lr"] for m in read_metrics(tmp_path / "never")} == {0.01}
 
 
 def test_recipes_are_the_papers():
@@ -221,6 +232,39 @@ def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, 
     assert (tmp_path / "empty" / "summary.json").is_file()
 
 
+def test_cli_train_passes_every_flag_to_the_run(monkeypatch, capsys):
+    # Each flag at a value other than its default: one that stopped reaching TrainConfig would
+    # leave the default behind.
+    configs = []
+    monkeypatch.setattr(
+        "deepres.cli.train", lambda config, **_: configs.append(config) or {"finished": True}
+    )
+    flags = {
+        "--model": "resnet32", "--data": "D", "--out": "O", "--recipe": "cifar-warmup",
+        "--iters": "7", "--batch-size": "9", "--lr": "0.05", "--val-split": "11", "--seed": "5",
+        "--eval-every": "3", "--checkpoint-every": "4", "--precision": "fp32", "--shortcut": "B",
+        "--stride-in": "3x3", "--width": "8", "--normalize": "channel", "--image-size": "24",
+        "--init": "resnet20-cifar10", "--augment": "rrc", "--crop-size": "112",
+        "--scale": "128,160", "--lighting": "0", "--workers": "1", "--device": "cpu",
+    }  # fmt: skip
+    switches = ["--deterministic", "--compile", "--freeze-backbone", "--quiet"]
+    assert main(["train", *[x for kv in flags.items() for x in kv], *switches]) == 0
+    expected = TrainConfig(
+        model="resnet32", data="D", out="O", recipe="cifar-warmup", iters=7, batch_size=9,
+        lr=0.05, val_split=11, seed=5, eval_every=3, checkpoint_every=4, precision="fp32",
+        shortcut="B", stride_in="3x3", width=8, normalize="channel", image_size=24,
+        init="resnet20-cifar10", augment="rrc", crop_size=112, scale=[128, 160], lighting=0.0,
+        workers=1, device="cpu", deterministic=True, compile=True, freeze_backbone=True,
+    )  # fmt: skip
+    assert configs == [expected]
+    defaults = TrainConfig(model="resnet32", data="D", out="O")
+    same = [k for k, v in asdict(expected).items() if v == getattr(defaults, k)]
+    assert same == ["model", "data", "out", "epochs", "log_every", "channels_last"]
+    assert main(["train", "--model", "resnet20", "--data", "D", "--out", "O", "--epochs", "3"]) == 0
+    assert (configs[-1].epochs, configs[-1].iters) == (3, None)
+    capsys.readouterr()
+
+
 def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     # argparse's own errors too: no usage banner before them.
     for argv in (["train", "--iters", "abc"], ["trian"], ["eval"]):
@@ -286,13 +330,17 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     config.write_text(good)
 
 
-def test_compiled_training_resumes_exactly(tiny_folder, tmp_path):
+def test_compiled_training_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    compiled = []
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or original(model))
     whole = tiny_config(tiny_folder, tmp_path / "whole", iters=4, compile=True)
     train(whole, progress=False)
     stopped = replace(whole, out=str(tmp_path / "stopped"))
     train(stopped, stop_at=3, progress=False)
     train(load_config(tmp_path / "stopped"), resume=True, progress=False)
-    assert load_config(tmp_path / "stopped").compile
+    # Each session compiled its net, the resumed one too.
+    assert len(compiled) == 3 and load_config(tmp_path / "stopped").compile
     a = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "stopped" / "model.safetensors").read_bytes()
 
