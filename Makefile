@@ -67,7 +67,8 @@ LANES ?= 2
 LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a two-thread step slowed 4x whenever a
 # test or build shared the cores; passive waits cost it 14% on an idle machine
-# (benchmarks/omp_wait_policy.py). A lane of one thread never waits, so it matters for LANES=1.
+# (benchmarks/omp_wait_policy.py). It matters only where LANE_THREADS > 1 (LANES=1 on 2 cores):
+# a lane of one thread never waits for another.
 OMP_WAIT ?= PASSIVE
 campaign: setup
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
@@ -102,9 +103,12 @@ land: setup
 # Where the campaign stands, finished nets and unfinished alike, for the README: the status of
 # every run (with its training error over each 1,000 iterations, to compare runs at matched
 # iterations) and one figure of every run's training curve so far.
+# (status exits 2 naming a damaged run and still lists the others: those are kept.)
+PROGRESS = docs/results/campaign-progress
 progress: setup
-	$(VENV)/bin/deepres status $(CAMPAIGN_RUNS) --json --plot docs/results/campaign-progress.png \
-	  > docs/results/campaign-progress.json.tmp && mv docs/results/campaign-progress.json.tmp docs/results/campaign-progress.json
+	@$(VENV)/bin/deepres status $(CAMPAIGN_RUNS) --json --plot $(PROGRESS).png > $(PROGRESS).json.tmp; \
+	code=$$?; if [ -s $(PROGRESS).json.tmp ]; then mv $(PROGRESS).json.tmp $(PROGRESS).json; \
+	else rm -f $(PROGRESS).json.tmp; fi; exit $$code
 
 # Issue 10's short runs: resnet18 and plain18 from scratch on the 245 training photos of
 # hymenoptera (Sec. 3.4's augmentation, the ImageNet recipe over 30 epochs at batch 32), each

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
+    # An idle machine is the point: what else ran shows in the load before the first run.
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     threads = os.cpu_count() or 1
     speeds: dict[str, list[float]] = {policy: [] for policy in POLICIES}
     for r in range(args.rounds):
@@ -49,7 +52,10 @@ def main() -> None:
         "images_per_sec": medians,
         "per_round_images_per_sec": speeds,
         "passive_over_active": medians["PASSIVE"] / medians["ACTIVE"],
-        "command": " ".join(["python", *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
+        # Each run's own settings; the machine record below is this parent process's.
+        "run_env": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "ACTIVE or PASSIVE"},
+        "load_average_at_start": load_at_start,
         "machine": machine(),
         "torch": torch.__version__,
     }

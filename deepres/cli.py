@@ -33,7 +33,7 @@ from deepres.export import export_onnx
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.pretrained import describe, publish
-from deepres.report import find_runs, plot_status, run_status
+from deepres.report import block_table, find_runs, plot_status, run_status
 from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
 
@@ -287,18 +287,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_blocks(rows: list[dict]) -> None:
     """Training error % block by block, the runs side by side: runs compared at equal iterations."""
-    names = [Path(r["run"]).name for r in rows]
-    if len(set(names)) < len(names):  # runs of one name in different folders
-        names = [r["run"] for r in rows]
-    table: dict[tuple[int, int], dict[str, float]] = {}
-    for name, row in zip(names, rows, strict=True):
-        for block in row["train_error_by_block"]:
-            table.setdefault(tuple(block["iterations"]), {})[name] = block["train_error"]
+    names, table = block_table(rows)
     width = max(10, *map(len, names)) + 2
     print()
     print(f"{'iterations':<16}" + "".join(f"{name:>{width}}" for name in names))
-    for (first, last), errors in sorted(table.items()):
-        cells = (f"{errors[n]:.2f}" if n in errors else "-" for n in names)
+    for (first, last), errors in table:
+        cells = ("-" if e is None else f"{e:.2f}" for e in errors)
         print(f"{f'{first:,}-{last:,}':<16}" + "".join(f"{c:>{width}}" for c in cells))
 
 
@@ -561,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--blocks",
         action="store_true",
-        help="also their training error over each 1/64 of the budget, one column a run",
+        help="also their training error over each 1/64 of the budget, one column a run "
+        "(with --json: each run's train_error_by_block)",
     )
     p.set_defaults(func=cmd_status)
 

@@ -22,12 +22,16 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("cpu MHz"):
-                mhz = float(line.split(":", 1)[1])
+                # A value some virtual machines garble must not cost the flags read after it.
+                try:
+                    mhz = float(line.split(":", 1)[1])
+                except ValueError:
+                    mhz = None
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
-            if flags and mhz:
+            if flags:
                 break
-    except (OSError, ValueError):
+    except OSError:
         pass
     info = {
         "platform": platform.platform(),

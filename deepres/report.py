@@ -83,6 +83,18 @@ def block_errors(metrics: list[dict], block: int) -> list[dict]:
     return out
 
 
+def block_table(rows: list[dict]) -> tuple[list[str], list[tuple[tuple[int, int], list]]]:
+    """The runs' names and, block by block, each run's training error there (None: not yet)."""
+    names = [Path(r["run"]).name for r in rows]
+    if len(set(names)) < len(names):  # runs of one name in different folders
+        names = [r["run"] for r in rows]
+    errors: dict[tuple[int, int], dict[str, float]] = {}
+    for name, row in zip(names, rows, strict=True):
+        for block in row["train_error_by_block"]:
+            errors.setdefault(tuple(block["iterations"]), {})[name] = block["train_error"]
+    return names, [(span, [e.get(n) for n in names]) for span, e in sorted(errors.items())]
+
+
 def run_status(run: Path) -> dict:
     """Where a run stands: the iteration it would resume from, its training error (as the
     reports take it) and learning rate, its hours so far and, at its recent speed, the hours
@@ -125,8 +137,9 @@ def run_status(run: Path) -> dict:
 
 
 def _block(iters: int, saved: dict) -> int:
-    # 1/64 of the budget (1,000 iterations at the full 64k), in whole log windows.
-    every = saved.get("config", {}).get("log_every") or 1
+    # 1/64 of the budget (1,000 iterations at the full 64k), in whole log windows; a run
+    # shorter than its log_every logs at its end (train.py).
+    every = min(saved.get("config", {}).get("log_every") or 1, iters)
     return max(1, math.ceil(iters / 64 / every)) * every
 
 

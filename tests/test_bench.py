@@ -1,5 +1,6 @@
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,16 @@ def test_machine_record_says_what_shared_the_cores(monkeypatch):
     )
     assert record["load_average"] == [2.0, 1.5, 0.25]
     assert record["cpu_mhz"] is None or record["cpu_mhz"] > 0
+
+
+@pytest.mark.parametrize(("mhz", "expected"), [("2445.428", 2445.428), ("unknown", None)])
+def test_machine_record_reads_the_clock_and_the_vector_flags(monkeypatch, mhz, expected):
+    cpuinfo = f"model name\t: AMD EPYC\ncpu MHz\t\t: {mhz}\nflags\t\t: avx2 fma sse2\n"
+    read = Path.read_text
+    monkeypatch.setattr(
+        Path, "read_text", lambda p, *a, **k: cpuinfo if str(p) == "/proc/cpuinfo" else read(p)
+    )
+    record = machine()
+    # A clock that does not parse leaves the flags read after it alone.
+    assert (record["cpu"], record["cpu_mhz"]) == ("AMD EPYC", expected)
+    assert record["cpu_flags"] == ["avx2", "fma"]

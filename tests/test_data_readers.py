@@ -457,12 +457,16 @@ def test_image_folder_refuses_a_broken_link(tmp_path):
     # A link to an image that exists counts as the image.
     Image.new("RGB", (8, 8)).save(tmp_path / "real.png")
     (tmp_path / "cats" / "linked.png").symlink_to(tmp_path / "real.png")
-    broken = r"dogs/gone.jpg: broken symbolic link \(its target .*elsewhere.jpg does not exist\)"
+    broken = r"dogs/gone.jpg: broken symbolic link \(its target .*elsewhere.jpg does not exist or"
     with pytest.raises(DataError, match=broken):
         open_dataset(str(tmp_path))
     with pytest.raises(DataError, match=broken):
         readers.image_files(tmp_path)
     (tmp_path / "dogs" / "gone.jpg").unlink()
+    (tmp_path / "dogs" / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
+    with pytest.raises(DataError, match=r"dogs/loop.jpg: broken symbolic link .* or is a loop"):
+        open_dataset(str(tmp_path))
+    (tmp_path / "dogs" / "loop.jpg").unlink()
     assert len(readers.image_files(tmp_path)) == counted + 2  # the link and real.png
 
 

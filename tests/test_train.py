@@ -657,6 +657,8 @@ def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path
     # The block is 1/64 of the budget in whole log windows: 1,000 iterations at the full 64k.
     assert report._block(64000, {"config": {"log_every": 50}}) == 1000
     assert report._block(2000, {"config": {"log_every": 50}}) == 50
+    # A run shorter than its log_every logs once, at its end: one block of the whole run.
+    assert report._block(8, {"config": {"log_every": 50}}) == 8
     run = tmp_path / "run"
     train(tiny_config(tiny_folder, run, iters=8), progress=False)
     status = run_status(run)
@@ -670,12 +672,19 @@ def test_status_gives_training_error_at_matched_iterations(tiny_folder, tmp_path
     assert main(["status", str(tmp_path), "--blocks"]) == 0
     table = capsys.readouterr().out.split("\n\n")[1].splitlines()
     assert table[0].split() == ["iterations", "run", "short"]
-    by_block = {b["iterations"][1]: b["train_error"] for b in status["train_error_by_block"]}
+    expected = {
+        name: {b["iterations"][1]: b["train_error"] for b in run_status(r)["train_error_by_block"]}
+        for name, r in (("run", run), ("short", tmp_path / "short"))
+    }
+    assert len(table) == 1 + len(expected["run"]) and len(expected["short"]) == 2
     for line in table[1:]:
-        span, long, short = line.split()
+        span, *cells = line.split()
         last = int(span.split("-")[1].replace(",", ""))
-        assert float(long) == by_block[last]
-        assert (short == "-") == (last > 4)
+        for name, cell in zip(("run", "short"), cells, strict=True):
+            assert cell == ("-" if last not in expected[name] else f"{expected[name][last]:.2f}")
+    # Runs of one name in different folders are told apart by their paths.
+    twins = [{"run": f"{d}/resnet56", "train_error_by_block": []} for d in ("a", "b")]
+    assert report.block_table(twins) == (["a/resnet56", "b/resnet56"], [])
 
 
 def test_images_per_sec_after_a_resume_counts_only_this_sessions_steps(

@@ -230,7 +230,7 @@ def image_files(folder: str | Path) -> list[Path]:
         if _is_image(path.name) and _visible(path.relative_to(folder).as_posix()):
             if path.is_file():
                 found.append(path)
-            elif path.is_symlink() and not path.exists():
+            elif _dangling(path):
                 _refuse_broken_link(path)
     found.sort()
     if not found:
@@ -286,9 +286,16 @@ def _visible(name: str) -> bool:
     return not any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
 
 
+def _dangling(path: str | Path) -> bool:
+    # A symbolic link whose target is missing or a loop: os.path.exists follows it, and fails.
+    return os.path.islink(path) and not os.path.exists(path)
+
+
 def _refuse_broken_link(path: Path) -> None:
     # Skipping it would train on fewer images than the folder shows, without a word.
-    raise DataError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+    raise DataError(
+        f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist or is a loop)"
+    )
 
 
 class _Directory:
@@ -306,13 +313,13 @@ class _Directory:
                 for entry in entries:
                     if not _visible(entry.name):
                         continue
+                    if _is_image(entry.name) and _dangling(entry.path):
+                        _refuse_broken_link(Path(entry.path))
                     if entry.is_dir() and depth > 1:
                         folders.append(prefix + entry.name)
                         pending.append((Path(entry.path), f"{prefix}{entry.name}/", depth - 1))
                     elif entry.is_file():
                         found.append(prefix + entry.name)
-                    elif entry.is_symlink() and _is_image(entry.name):
-                        _refuse_broken_link(Path(entry.path))
         return sorted(found), sorted(folders)
 
     @property
