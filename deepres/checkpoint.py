@@ -197,6 +197,19 @@ def checkpoint_state(run: Path) -> dict | None:
     return _loop_state(path, _read(path, _metadata)) if path.is_file() else None
 
 
+def trained_iteration(run: Path, meta: dict) -> int | None:
+    """The iteration a run's weights were saved at, from the metadata read with them; weights
+    written before they carried it fall back on the run's summary.json, then its checkpoint."""
+    if isinstance(meta, dict) and isinstance(meta.get("iteration"), int):
+        return meta["iteration"]
+    run = Path(run)
+    if (run / SUMMARY).is_file():
+        iteration = read_json(run / SUMMARY).get("iteration")
+        return iteration if isinstance(iteration, int) else None
+    state = checkpoint_state(run)
+    return state["iteration"] if state else None
+
+
 def save_checkpoint(
     run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
 ) -> None:

@@ -169,13 +169,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "classes"}, indent=2))
         return
     print(
-        f"{args.run} on {result['data']} ({result['split']}, {result['n']} images, "
-        f"{result['protocol']})"
+        f"{args.run}{_trained(result)} on {result['data']} ({result['split']}, "
+        f"{result['n']} images, {result['protocol']})"
     )
     print(f"top-1 error {result['top1_error']:.2f}%   top-5 error {result['top5_error']:.2f}%")
     print(f"{'class':<24}{'error %':>8}")
     for name, err in zip(result["classes"], result["per_class_error"], strict=True):
         print(f"{name:<24}{'-' if err is None else f'{err:.2f}':>8}")
+
+
+def _trained(result: dict) -> str:
+    """ " at iteration 22,800 of 64,000 (unfinished)", or "" where no file says the iteration."""
+    iteration, iters = result.get("iteration"), result.get("iters")
+    if iteration is None:
+        return ""
+    if not iters:
+        return f" at iteration {iteration:,}"
+    unfinished = " (unfinished)" if iteration < iters else ""
+    return f" at iteration {iteration:,} of {iters:,}{unfinished}"
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -255,7 +255,16 @@ def evaluate_run(
         # view its training evaluated on (Sec. 3.4's 224 crop of the 256-side image).
         protocol = "center"
     model = classifier.model.to(parse_device(device))
-    record = {"run": str(run), "data": data, "split": split, "protocol": protocol}
+    # The iteration the weights come from and the run's budget: a run still training is
+    # evaluated at its latest checkpoint, and the result says so.
+    record = {
+        "run": str(run),
+        "iteration": classifier.iteration,
+        "iters": saved["recipe"]["iters"] if isinstance(saved.get("recipe"), dict) else None,
+        "data": data,
+        "split": split,
+        "protocol": protocol,
+    }
     if protocol != "single":
         sizes = {"resize": resize, "crop": crop, "scales": tuple(scales) if scales else scales}
         views = replace(

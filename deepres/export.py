@@ -72,6 +72,8 @@ def export_onnx(run: str | Path, path: str | Path) -> Path:
         # How a photo becomes that input: its shorter side resized to this, then the centre
         # crop (null: resized to cover the input size, then cropped).
         "resize": json.dumps(classifier.resize),
+        # The training iteration the weights come from (null where the run does not say).
+        "iteration": json.dumps(classifier.iteration),
         "input": "uint8 images [batch, channels, height, width], RGB or gray, 0-255",
         "output": "class probabilities [batch, classes], in the order of classes",
     }

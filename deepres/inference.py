@@ -17,11 +17,12 @@ from deepres.checkpoint import (
     load_preprocess,
     load_tensors,
     read_config,
+    trained_iteration,
 )
 from deepres.data.augment import CENTER_RESIZE
 from deepres.data.loader import Preprocess
 from deepres.models import create_model
-from deepres.pretrained import resolve_run
+from deepres.pretrained import resolve_run, shipped_iterations
 
 
 class Classifier:
@@ -34,6 +35,7 @@ class Classifier:
         classes: list[str],
         input_size: list[int],
         resize: int | None = None,
+        iteration: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.preprocess = preprocess
@@ -42,6 +44,8 @@ class Classifier:
         # A run trained on streamed photos sees its test photos as the centre crop of the photo
         # resized to this shorter side (Sec. 3.4: 256 for a 224 crop); None: fitted to the input.
         self.resize = resize
+        # The training iteration the weights come from (None where no file says).
+        self.iteration = iteration
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,7 @@ def load(run: str | Path) -> Classifier:
     run = resolve_run(run)
     saved = read_config(run)
     model = create_model(saved["model"], **saved["model_options"])
-    weights, _ = load_tensors(run / WEIGHTS)
+    weights, meta = load_tensors(run / WEIGHTS)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -116,7 +120,10 @@ def load(run: str | Path) -> Classifier:
     augment = saved.get("augment")
     resize = round(augment["crop"] * CENTER_RESIZE) if augment else None
     preprocess = Preprocess(*load_preprocess(run))
-    return Classifier(model, preprocess, saved["classes"], saved["input_size"], resize)
+    iteration = trained_iteration(run, meta)
+    if iteration is None:  # a net shipped before its weights carried the iteration
+        iteration = shipped_iterations(run)
+    return Classifier(model, preprocess, saved["classes"], saved["input_size"], resize, iteration)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

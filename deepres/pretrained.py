@@ -69,6 +69,13 @@ def resolve_run(run: str | Path, root: Path | None = None) -> Path:
     return shipped_dir
 
 
+def shipped_iterations(path: Path) -> int | None:
+    """The iterations the manifest records for the shipped net in path; None for other paths."""
+    if Path(path).parent.resolve() != Path(SHIPPED).resolve():
+        return None
+    return manifest().get(Path(path).name, {}).get("iterations")
+
+
 def publish(
     run: str | Path, name: str, command: str, root: Path | None = None, bf16: bool | None = None
 ) -> dict:
@@ -112,7 +119,7 @@ def publish(
     try:
         write_json(staged / CONFIG, saved)
         shutil.copyfile(run / PREPROCESS, staged / PREPROCESS)
-        save_tensors(staged / WEIGHTS, weights)
+        save_tensors(staged / WEIGHTS, weights, {"iteration": metrics[-1]["iteration"]})
         out = root / name
         if out.exists():
             shutil.rmtree(out)

@@ -38,6 +38,7 @@ def test_onnx_export_matches_deepres_on_real_images(cifar_folder, tmp_path, caps
     assert json.loads(metadata["classes"]) == ["airplane", "cat", "ship"]
     assert json.loads(metadata["input_size"]) == [3, 32, 32]
     assert json.loads(metadata["resize"]) is None  # a CIFAR run: images fitted to 32x32
+    assert json.loads(metadata["iteration"]) == 2
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (given,) = session.get_inputs()
     assert given.type == "tensor(uint8)" and given.shape[1:] == [3, 32, 32]

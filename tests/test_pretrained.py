@@ -11,7 +11,7 @@ from conftest import cifar_jpeg_folder, tiny_config
 from PIL import Image
 
 import deepres
-from deepres.checkpoint import WEIGHTS, load_tensors
+from deepres.checkpoint import CHECKPOINT, SUMMARY, WEIGHTS, load_tensors, save_tensors
 from deepres.cli import main
 from deepres.data import DataError
 from deepres.evaluate import evaluate_run
@@ -41,6 +41,7 @@ def shipped(monkeypatch, tmp_path):
 def test_a_published_net_loads_by_name_with_the_runs_outputs(finished_run, shipped, tiny_folder):
     entry = publish(finished_run, "tiny-colours", "deepres train ...", root=shipped)
     assert manifest(shipped)["tiny-colours"] == entry
+    assert load_tensors(shipped / "tiny-colours" / WEIGHTS)[1] == {"iteration": 4}
     assert entry["sha256"] == sha256(shipped / "tiny-colours" / WEIGHTS)
     assert entry["stored_as"] == "fp32" and entry["iterations"] == 4
     assert entry["classes"] == ["blue", "green", "red"]
@@ -129,6 +130,43 @@ def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):
     assert not (shipped / "half").exists()
 
 
+def test_eval_says_which_iteration_the_weights_come_from(tiny_folder, tmp_path, capsys):
+    out = tiny_run(tiny_folder, tmp_path / "half", stop_at=2)
+    assert load_tensors(out / WEIGHTS)[1] == {"iteration": 2}
+    assert deepres.load(out).iteration == 2
+    assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
+    assert f"{out} at iteration 2 of 4 (unfinished) on " in capsys.readouterr().out
+    config = tiny_config(tiny_folder, out, iters=4, checkpoint_every=2)
+    train(config, resume=True, progress=False)
+    assert main(["eval", str(out), "--data", str(tiny_folder), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["iteration"], result["iters"]) == (4, 4)
+    assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out} at iteration 4 of 4 on ")
+
+
+def test_weights_from_before_the_iteration_was_recorded_fall_back_on_the_run(
+    finished_run, tiny_folder, tmp_path, capsys
+):
+    out = tmp_path / "old"
+    shutil.copytree(finished_run, out)
+    weights, _ = load_tensors(out / WEIGHTS)
+    save_tensors(out / WEIGHTS, weights)  # no metadata, as runs wrote them before
+    assert deepres.load(out).iteration == 4  # from summary.json
+    (out / SUMMARY).unlink()
+    train(
+        tiny_config(tiny_folder, tmp_path / "x", iters=4, checkpoint_every=2),
+        stop_at=2,
+        progress=False,
+    )
+    shutil.copyfile(tmp_path / "x" / CHECKPOINT, out / CHECKPOINT)
+    assert deepres.load(out).iteration == 2  # from the checkpoint
+    (out / CHECKPOINT).unlink()
+    assert deepres.load(out).iteration is None
+    assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out} on ")
+
+
 def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path, capsys):
     assert main(["publish", str(finished_run), "tiny-colours", "--command", "make it"]) == 0
     assert json.loads(capsys.readouterr().out)["command"] == "make it"
@@ -154,6 +192,7 @@ def test_each_shipped_net_is_the_net_its_manifest_names(name):
     assert classifier.classes == entry["classes"]
     assert count_params(classifier.model) == entry["params"]
     assert entry["iterations"] > 0 and entry["command"]
+    assert classifier.iteration == entry["iterations"]
 
 
 SHIPPED_CIFAR10 = sorted(
