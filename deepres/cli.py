@@ -425,7 +425,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--iters", type=int, help="iterations (milestones scale with it)")
     budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="default: the recipe's (CIFAR 128, ImageNet 256)")
     p.add_argument(
         "--lr", type=float, help="default: the recipe's; with --resume: the new lr from then on"
     )
@@ -436,10 +436,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="hold out N training images for validation (the paper: 5000)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="default 1000 iterations")
-    p.add_argument("--eval-every", type=int, metavar="K")
-    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--eval-every", type=int, metavar="K", help="test/val error every K iterations")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels, no cuDNN autotuning: repeatable, slower",
+    )
     p.add_argument("--device", help="auto (the default), cpu or cuda")
     p.add_argument(
         "--precision",
@@ -447,14 +451,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: bf16 autocast where the device has native bf16, else fp32",
     )
-    p.add_argument("--shortcut", choices=["A", "B", "C"])
+    p.add_argument(
+        "--shortcut",
+        choices=["A", "B", "C"],
+        help="Sec. 3.3: A zero-padding (CIFAR default), B projections where the shape changes "
+        "(ImageNet default), C projections everywhere",
+    )
     p.add_argument(
         "--stride-in",
         choices=["1x1", "3x3"],
         help="bottleneck stride: 1x1 = v1, the paper's (default); 3x3 = v1.5, torchvision's",
     )
     p.add_argument("--width", type=int, help="filters of the first stage")
-    p.add_argument("--normalize", choices=["pixel", "channel"])
+    p.add_argument(
+        "--normalize",
+        choices=["pixel", "channel"],
+        help="subtract the per-pixel mean image (CIFAR, Sec. 4.2) or the per-channel mean",
+    )
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument(
@@ -501,10 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the nets with depth, params and MACs")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--shortcut", choices=["A", "B", "C"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="default: every net")
+    p.add_argument(
+        "--shortcut", choices=["A", "B", "C"], help="count the nets with this shortcut option"
+    )
     p.add_argument("--stride-in", choices=["1x1", "3x3"], help="bottleneck stride: 1x1 = v1")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON list of the nets")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="train a net with the paper's recipe")
@@ -512,11 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a trained run")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run directory or a shipped net's name")
     p.add_argument(
         "--data", help="default: the data the run was trained on; a bare <class>/ folder is tested"
     )
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="val: the images a run held out with --val-split",
+    )
     p.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -526,14 +546,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="center/10crop shorter side (ImageNet nets: 256)")
     p.add_argument("--crop", type=int, help="center/10crop view size (ImageNet nets: 224)")
     p.add_argument("--scales", metavar="S,S", help="multiscale shorter sides (224,256,384,480,640)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu (the default), auto or cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object: errors, n, iteration")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reproduce", help="run one of the paper's experiments, write a report")
-    p.add_argument("experiment", choices=list(EXPERIMENTS))
-    p.add_argument("--data", required=True)
-    p.add_argument("--budget", choices=list(BUDGETS), default="short")
+    p.add_argument(
+        "experiment",
+        choices=list(EXPERIMENTS),
+        help="degradation: plain against residual nets (Fig. 6); responses: std of layer "
+        "responses (Fig. 7); table6: CIFAR-10 errors (Table 6); shortcuts: options A, B, C "
+        "(Table 3's question)",
+    )
+    p.add_argument(
+        "--data", required=True, help="fashion-mnist, or a path: CIFAR, IDX or an image folder"
+    )
+    p.add_argument(
+        "--budget",
+        choices=list(BUDGETS),
+        default="short",
+        help="smoke: 4 iterations, a first look; short: 2,000 (default); full: the paper's 64k",
+    )
     p.add_argument("--out", help="report directory (default reports/EXPERIMENT-BUDGET)")
     p.add_argument("--runs", help="where the training runs live (reused when present)")
     p.add_argument("--models", help="comma-separated nets, e.g. plain20,plain56,resnet20")
@@ -542,14 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="default: 5000 (at most a tenth of the images) when the data has no test split",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (the default), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("predict", help="top-5 classes of images")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run directory or a shipped net's name")
     p.add_argument("images", nargs="+", type=Path, help="images, or folders of them")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.set_defaults(func=cmd_predict)
@@ -559,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="where the runs in a folder stand: iteration, error, time")
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="default: runs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON list of the runs")
     p.add_argument(
         "--plot", type=Path, metavar="PNG", help="also draw their error curves in one figure"
     )
@@ -572,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("publish", help="ship a finished run's net under a name (maintainers)")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a finished run directory")
     p.add_argument("name", help="e.g. resnet20-cifar10")
     p.add_argument(
         "--command", dest="command_that_trained", required=True, help="how the run was trained"
@@ -581,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("export", help="a trained run as ONNX, preprocessing and softmax included")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run directory or a shipped net's name")
     p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="e.g. model.onnx")
     p.set_defaults(func=cmd_export)
 
@@ -589,18 +622,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench_command", required=True)
     save = argparse.ArgumentParser(add_help=False)
     save.add_argument("--device", default="cpu", help="cpu or cuda")
-    save.add_argument("--json", action="store_true")
+    save.add_argument("--json", action="store_true", help="print the result as JSON")
     save.add_argument("--save", action="store_true", help="add the result to --results-dir")
-    save.add_argument("--results-dir", type=Path, default=RESULTS, metavar="DIR")
+    save.add_argument(
+        "--results-dir", type=Path, default=RESULTS, metavar="DIR", help="benchmarks/results/"
+    )
 
     p = bench.add_parser("train", parents=[save], help="training images/s, deepres and reference")
     p.add_argument("--model", default="resnet20", help="a CIFAR ResNet")
     p.add_argument("--data", required=True, help="an image folder or .zip of train/<class>/*")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--iters", type=int, default=60)
+    budget.add_argument("--iters", type=int, default=60, help="training steps, each side")
     budget.add_argument("--epochs", type=float, help="instead of --iters")
     p.add_argument("--windows", type=int, default=6, help="timing windows; the first is warm-up")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="both sides (default 128)")
     p.add_argument("--width", type=int, help="filters of the first stage")
     p.add_argument(
         "--val-split",
@@ -620,10 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser("infer", parents=[save], help="inference images/s, deepres and reference")
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch-sizes", default="32,1", metavar="B,B")
+    p.add_argument("--model", default="resnet50", help="a net from `deepres models`")
+    p.add_argument("--batch-sizes", default="32,1", metavar="B,B", help="each timed in turn")
     p.add_argument("--iters", type=int, default=10, help="timed passes per batch size")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="square input side")
     p.set_defaults(func=cmd_bench_infer)
 
     p = bench.add_parser(
@@ -632,10 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="an image folder or .zip of photos")
     p.add_argument("--batches", type=int, default=16, help="batches each loader delivers")
     p.add_argument("--windows", type=int, default=4, help="timing windows; the first is warm-up")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch, both sides")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
-    p.add_argument("--augment", choices=["scale", "rrc"], default="scale")
-    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument(
+        "--augment", choices=["scale", "rrc"], default="scale", help="as deepres train's"
+    )
+    p.add_argument("--crop-size", type=int, default=224, help="as deepres train's")
     p.add_argument("--model", default="resnet18", help="the net whose training is timed")
     p.add_argument("--train-steps", type=int, default=2, help="timed training steps of --model")
     p.add_argument("--train-batch-size", type=int, default=8, help="batch of those steps")

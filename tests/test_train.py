@@ -1,3 +1,4 @@
+import argparse
 import errno
 import json
 import math
@@ -783,3 +784,18 @@ def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, 
         assert main([*base, *flags, *budget, *device, "--out", str(out)]) == 2, flags
         assert message in one_line(capsys)
         assert not out.exists()
+
+
+def test_every_argument_of_every_command_says_what_it_is_for(capsys):
+    def undocumented(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    yield from undocumented(subparser, f"{name} {sub}")
+            elif not action.help:
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "deepres")) == []
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert "responses: std of layer responses (Fig. 7)" in " ".join(capsys.readouterr().out.split())
