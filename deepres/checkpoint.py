@@ -203,10 +203,15 @@ def trained_iteration(run: Path, meta: dict) -> int | None:
     if isinstance(meta, dict) and isinstance(meta.get("iteration"), int):
         return meta["iteration"]
     run = Path(run)
-    if (run / SUMMARY).is_file():
-        iteration = read_json(run / SUMMARY).get("iteration")
-        return iteration if isinstance(iteration, int) else None
-    state = checkpoint_state(run)
+    # Only a label: a damaged summary or checkpoint leaves it unknown, the weights still usable.
+    try:
+        if (run / SUMMARY).is_file():
+            summary = read_json(run / SUMMARY)
+            iteration = summary.get("iteration") if isinstance(summary, dict) else None
+            return iteration if isinstance(iteration, int) else None
+        state = checkpoint_state(run)
+    except ValueError:
+        return None
     return state["iteration"] if state else None
 
 

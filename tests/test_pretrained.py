@@ -161,6 +161,8 @@ def test_weights_from_before_the_iteration_was_recorded_fall_back_on_the_run(
     )
     shutil.copyfile(tmp_path / "x" / CHECKPOINT, out / CHECKPOINT)
     assert deepres.load(out).iteration == 2  # from the checkpoint
+    (out / CHECKPOINT).write_bytes(b"damaged")
+    assert deepres.load(out).iteration is None  # the weights still load
     (out / CHECKPOINT).unlink()
     assert deepres.load(out).iteration is None
     assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
