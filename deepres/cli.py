@@ -309,8 +309,11 @@ def _print_blocks(rows: list[dict]) -> None:
 
 def _print_status(rows: list[dict], figure: Path | None) -> None:
     """The status table, one run a line."""
-    head = ("iteration", "train err %", "lr", "hours", "images/s", "left h")
-    print(f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>8}{head[4]:>10}{head[5]:>8}")
+    head = ("iteration", "train err %", "lr", "prec", "hours", "images/s", "left h")
+    print(
+        f"{'run':<48}{head[0]:>18}{head[1]:>13}{head[2]:>8}{head[3]:>6}{head[4]:>8}{head[5]:>10}"
+        f"{head[6]:>8}"
+    )
     for r in rows:
         done = f"{r['iteration']:,}/{r['iters']:,}"
         err = "-" if r["train_error"] is None else f"{r['train_error']:.2f}"
@@ -318,7 +321,11 @@ def _print_status(rows: list[dict], figure: Path | None) -> None:
         speed = "-" if r["images_per_sec"] is None else f"{r['images_per_sec']:.0f}"
         left = "-" if r["hours_left"] is None else f"{r['hours_left']:.1f}"
         left = "done" if r["finished"] else left
-        print(f"{r['run']:<48}{done:>18}{err:>13}{lr:>8}{r['hours']:>8.2f}{speed:>10}{left:>8}")
+        prec = r.get("precision") or "-"
+        print(
+            f"{r['run']:<48}{done:>18}{err:>13}{lr:>8}{prec:>6}{r['hours']:>8.2f}{speed:>10}"
+            f"{left:>8}"
+        )
     if figure:
         print(f"figure: {figure}")
 

@@ -129,6 +129,8 @@ def run_status(run: Path) -> dict:
         "finished": finished,
         "train_error": final_training(metrics)[0] if metrics else None,
         "lr": last.get("lr"),
+        # Saved resolved ("auto" became fp32 or bf16 when the run started).
+        "precision": saved["config"].get("precision"),
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,
         "hours_left": left,
