@@ -399,6 +399,7 @@ def environment(device: str, command: str) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "torch": info.pop("torch"),
         "git_commit": info.pop("git_commit"),
+        "git_dirty": info.pop("git_dirty"),
         # Other work on the machine slows both sides: the load says how busy it was.
         "machine": {**info, "load_average": [round(x, 2) for x in os.getloadavg()]},
     }

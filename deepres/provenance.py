@@ -47,22 +47,37 @@ def machine() -> dict:
         "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_"))},
         "torch": torch.__version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout deepres runs from, or None outside git."""
+def _git(args: list[str], where: Path | None) -> str | None:
+    """A git command's output, run in where (deepres's own folder by default); None outside git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
-            cwd=Path(__file__).parent,
+            cwd=where or Path(__file__).parent,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """The commit of the checkout deepres runs from, or None outside git."""
+    out = _git(["rev-parse", "HEAD"], where)
+    return (out.strip() or None) if out is not None else None
+
+
+def git_dirty(where: Path | None = None) -> bool | None:
+    """Whether deepres's code differs from that commit (edited or new files), None outside git."""
+    # The package folder alone: results and reports written into the checkout are no change
+    # to the code that made them.
+    out = _git(["status", "--porcelain", "--", "."], where)
+    return None if out is None else bool(out.strip())

@@ -299,6 +299,12 @@ def _split(result: dict) -> str | None:
     return "test" if any(r["eval_split"] for r in result["runs"].values()) else None
 
 
+def _commit(record: dict) -> str:
+    """`abc123...`, marked where the code differed from that commit."""
+    changed = " (with uncommitted changes)" if record.get("git_dirty") else ""
+    return f"`{record.get('git_commit')}`{changed}"
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -346,10 +352,8 @@ def write_report(result: dict, out: Path) -> Path:
         + "; ".join(f"{p} ({', '.join(names)})" for p, names in _by_precision(result).items())
         + " (`--precision auto`: bf16 autocast where the device computes bf16 natively, "
         "fp32 elsewhere)",
-        f"- torch {m['torch']}; deepres commit `{m['git_commit']}` for this report, "
-        + ", ".join(
-            f"`{c}`" for c in sorted({str(r.get("git_commit")) for r in result["runs"].values()})
-        )
+        f"- torch {m['torch']}; deepres commit {_commit(m)} for this report, "
+        + ", ".join(sorted({_commit(r) for r in result["runs"].values()}))
         + " for the training runs",
         f"- training time of the runs: {result['training_seconds'] / 60:.1f} min; this "
         f"invocation: {result['wall_seconds'] / 60:.1f} min (finished runs are reused)",

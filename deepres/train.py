@@ -62,7 +62,7 @@ from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
 from deepres.inference import parse_device
 from deepres.models import create_model, model_family
-from deepres.provenance import git_commit
+from deepres.provenance import git_commit, git_dirty
 from deepres.recipes import Recipe, default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
 
@@ -464,6 +464,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "git_commit": git_commit(),
+                # True: trained with code that differs from that commit.
+                "git_dirty": git_dirty(),
             }
             write_json(run / CONFIG, saved)
             save_tensors(run / PREPROCESS, saved_statistics)

@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from deepres import report
 from deepres.bench import REFERENCE, save_result
 from deepres.cli import main
 from deepres.inference import fold_batchnorm
 from deepres.models import count_params, create_model
-from deepres.provenance import machine
+from deepres.provenance import git_commit, git_dirty, machine
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +189,38 @@ def test_machine_record_reads_the_clock_and_the_vector_flags(monkeypatch, mhz, e
     # A clock that does not parse leaves the flags read after it alone.
     assert (record["cpu"], record["cpu_mhz"]) == ("AMD EPYC", expected)
     assert record["cpu_flags"] == ["avx2", "fma"]
+
+
+def test_provenance_marks_code_that_differs_from_its_commit(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo, package = tmp_path / "repo", tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "net.py").write_text("depth = 20\n")
+
+    def git(*args):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+        )
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "net")
+    assert len(git_commit(package)) == 40 and git_dirty(package) is False
+    (repo / "results.json").write_text("{}")  # written beside the code: no change to it
+    assert git_dirty(package) is False
+    (package / "net.py").write_text("depth = 56\n")
+    assert git_dirty(package) is True
+    git("commit", "-qam", "deeper")
+    (package / "new.py").write_text("")  # a new module counts too
+    assert git_dirty(package) is True
+    assert git_commit(tmp_path) is None and git_dirty(tmp_path) is None  # outside git
+    assert machine()["git_dirty"] == git_dirty()  # every record says it, of deepres itself
+    # and a report names the commit of such code with the mark
+    assert report._commit({"git_commit": "c0ffee", "git_dirty": True}) == (
+        "`c0ffee` (with uncommitted changes)"
+    )
+    assert report._commit({"git_commit": "c0ffee", "git_dirty": False}) == "`c0ffee`"

@@ -24,6 +24,7 @@ from deepres.cli import build_parser, main
 from deepres.data import open_dataset
 from deepres.evaluate import error_rates
 from deepres.models import create_model
+from deepres.provenance import git_dirty
 from deepres.recipes import RECIPES, default_recipe, get_recipe
 from deepres.report import find_runs, read_metrics, run_status
 from deepres.train import Diverged, TrainConfig, load_config, resolve_precision, train
@@ -101,7 +102,7 @@ def test_run_directory_contents_and_metrics(tiny_folder, tmp_path):
     assert config["classes"] == ["blue", "green", "red"]
     assert config["input_size"] == [3, 12, 12]
     assert config["n_train"] == 60 and config["eval_split"] == "val"
-    assert len(config["git_commit"]) == 40
+    assert len(config["git_commit"]) == 40 and config["git_dirty"] == git_dirty()
     assert config["recipe"]["milestones"] == [6, 9]
     metrics = read_metrics(run)
     assert [m["iteration"] for m in metrics] == [2, 4, 6, 8, 10, 12]

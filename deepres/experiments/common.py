@@ -135,6 +135,7 @@ def run_result(run: Path) -> dict:
         "params": count_params(model),
         "seconds": metrics[-1]["seconds"],
         "git_commit": saved.get("git_commit"),
+        "git_dirty": saved.get("git_dirty"),
         "curve": curve(metrics, split),
     }
 
