@@ -50,8 +50,13 @@ def measure(name: str) -> dict:
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    # Kernels alone: the operator rows carry their kernels' time too and would count it twice.
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # Kernels alone: the operator rows carry their kernels' time too and would count it twice,
+    # and a user annotation on the GPU's timeline spans kernels already counted.
+    kernels = [
+        e
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     gpu = sum(e.self_device_time_total for e in kernels) / 10 / 1e3
     print(events.table(sort_by="self_device_time_total", row_limit=12), file=sys.stderr)
     return {

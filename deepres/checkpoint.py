@@ -210,7 +210,7 @@ def trained_iteration(run: Path, meta: dict) -> int | None:
             iteration = summary.get("iteration") if isinstance(summary, dict) else None
             return iteration if isinstance(iteration, int) else None
         state = checkpoint_state(run)
-    except ValueError:
+    except (ValueError, OSError):
         return None
     return state["iteration"] if state else None
 

@@ -423,7 +423,11 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `deepres train`."""
     p.add_argument("--model", help="a name from `deepres models`, e.g. resnet20")
-    p.add_argument("--data", help="fashion-mnist, or a path: CIFAR, IDX or an image folder")
+    p.add_argument(
+        "--data",
+        help="fashion-mnist or mnist, or a path: CIFAR (folder or .tar.gz), IDX files, or an "
+        "image folder (folder or .zip)",
+    )
     p.add_argument("--out", help="the run directory to create")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue a stopped run")
     p.add_argument(
@@ -445,7 +449,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="default 1000 iterations")
-    p.add_argument("--eval-every", type=int, metavar="K", help="test/val error every K iterations")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="K",
+        help="test/val error every K iterations, rounded up to whole log windows "
+        "(default: 1/40 of the budget)",
+    )
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -462,7 +472,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--shortcut",
         choices=["A", "B", "C"],
         help="Sec. 3.3: A zero-padding (CIFAR default), B projections where the shape changes "
-        "(ImageNet default), C projections everywhere",
+        "(ImageNet default), C projections everywhere (Sec. 4.1, Table 3)",
     )
     p.add_argument(
         "--stride-in",
@@ -473,7 +483,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--normalize",
         choices=["pixel", "channel"],
-        help="subtract the per-pixel mean image (CIFAR, Sec. 4.2) or the per-channel mean",
+        help="subtract the per-pixel mean image (CIFAR, Sec. 4.2), or subtract the "
+        "per-channel mean and divide by the per-channel std",
     )
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -566,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(Table 3's question)",
     )
     p.add_argument(
-        "--data", required=True, help="fashion-mnist, or a path: CIFAR, IDX or an image folder"
+        "--data",
+        required=True,
+        help="fashion-mnist or mnist, or a path: CIFAR (folder or .tar.gz), IDX files, or an "
+        "image folder (folder or .zip)",
     )
     p.add_argument(
         "--budget",
@@ -632,7 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--json", action="store_true", help="print the result as JSON")
     save.add_argument("--save", action="store_true", help="add the result to --results-dir")
     save.add_argument(
-        "--results-dir", type=Path, default=RESULTS, metavar="DIR", help="benchmarks/results/"
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        metavar="DIR",
+        help="where --save writes (default: benchmarks/results/)",
     )
 
     p = bench.add_parser("train", parents=[save], help="training images/s, deepres and reference")

@@ -260,7 +260,7 @@ def evaluate_run(
     record = {
         "run": str(run),
         "iteration": classifier.iteration,
-        "iters": saved["recipe"]["iters"] if isinstance(saved.get("recipe"), dict) else None,
+        "iters": saved["recipe"].get("iters"),
         "data": data,
         "split": split,
         "protocol": protocol,

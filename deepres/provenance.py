@@ -76,8 +76,14 @@ def git_commit(where: Path | None = None) -> str | None:
 
 
 def git_dirty(where: Path | None = None) -> bool | None:
-    """Whether deepres's code differs from that commit (edited or new files), None outside git."""
-    # The package folder alone: results and reports written into the checkout are no change
-    # to the code that made them.
-    out = _git(["status", "--porcelain", "--", "."], where)
+    """Whether the deepres package differs from that commit (edited or new files), None outside git.
+
+    The package folder alone: results and reports written into the checkout are no change to
+    the code that made them. An edited script under benchmarks/ or tests/ is not seen here.
+    """
+    # No optional locks: a campaign's runs call this while git may be committing beside them.
+    out = _git(
+        ["--no-optional-locks", "status", "--porcelain", "--untracked-files=normal", "--", "."],
+        where,
+    )
     return None if out is None else bool(out.strip())

@@ -641,8 +641,8 @@ def _save(s: _Session, iteration: int, window: _Window) -> None:
     if s.main:
         # The unwrapped net's names, so that runs resume with or without torchrun.
         save_checkpoint(s.run, s.model, s.optimizer, s.state)
-        # The iteration goes with the weights: eval and predict can say what they hold while
-        # the run goes on.
+        # The iteration goes with the weights: eval, deepres.load and export can say what they
+        # hold while the run goes on.
         save_tensors(s.run / WEIGHTS, s.model.state_dict(), {"iteration": iteration})
     s.saved_at = iteration
 

@@ -246,3 +246,25 @@ def test_a_shipped_cifar10_net_evaluates_the_official_python_format(name, tmp_pa
     assert (result["split"], result["n"]) == ("test", 500)
     # A plane order or label mapping gone wrong lands near chance (90%).
     assert result["top1_error"] <= SHIPPED_NETS[name]["train_error"] + 5
+
+
+def test_the_weights_own_iteration_comes_before_the_run_files(finished_run, tiny_folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    weights, _ = load_tensors(out / WEIGHTS)
+    # summary.json and the checkpoint say 4; the weights, saved at 3, are what eval holds.
+    save_tensors(out / WEIGHTS, weights, {"iteration": 3})
+    assert json.loads((out / SUMMARY).read_text())["iteration"] == 4
+    assert deepres.load(out).iteration == 3
+
+
+def test_eval_names_the_iteration_of_a_run_without_a_budget(
+    finished_run, tiny_folder, tmp_path, capsys
+):
+    out = tmp_path / "no-recipe"
+    shutil.copytree(finished_run, out)
+    saved = json.loads((out / "config.json").read_text())
+    saved["recipe"].pop("iters")  # a recipe that names no budget: the iteration alone, no "of N"
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out} at iteration 4 on ")

@@ -801,3 +801,26 @@ def test_every_argument_of_every_command_says_what_it_is_for(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     assert "responses: std of layer responses (Fig. 7)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_records_mark_code_that_differs_from_its_commit(tiny_folder, tmp_path, monkeypatch):
+    from deepres import provenance
+    from deepres.bench import environment
+    from deepres.experiments.common import run_result
+
+    # Each record takes the mark from git at the time: the run's config, the reports built on
+    # the run, and every benchmark's environment.
+    monkeypatch.setattr(train_module, "git_dirty", lambda: True)
+    run = tmp_path / "dirty"
+    train(tiny_config(tiny_folder, run, iters=2), progress=False)
+    assert json.loads((run / "config.json").read_text())["git_dirty"] is True
+    assert run_result(run)["git_dirty"] is True
+    monkeypatch.setattr(provenance, "git_dirty", lambda: True)
+    assert environment("cpu", "bench")["git_dirty"] is True
+    monkeypatch.setattr(provenance, "git_dirty", lambda: False)
+    assert environment("cpu", "bench")["git_dirty"] is False
+    # status names the precision the run was configured with (a bf16 run is not an fp32 one).
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["precision"] = "bf16"
+    (run / "config.json").write_text(json.dumps(saved))
+    assert run_status(run)["precision"] == "bf16"
