@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint setup fashion-mnist campaign land progress photos transfer
+.PHONY: demo test lint setup fashion-mnist campaign restore land progress photos transfer
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,11 +54,15 @@ lint: setup
 # Issue 9's campaign: the paper's CIFAR-10 protocol at the full 64k budget on all 50k training
 # images, each net resumed where it stopped. Hours per net on a CPU: run it in the background;
 # SIGTERM to the training processes checkpoints them and ends the campaign.
-# Lanes: on the 2-core CPU one step scales to 1.4x over 2 threads, so two nets side by side with
-# a thread each train 1.42x the images/s of one net with both (benchmarks/lanes.py). Each lane
-# takes the next net that is neither finished nor held by the other lane (flock).
+# Lanes: on the 2-core CPUs one step scales to about 1.4x over 2 threads, so two nets side by
+# side with a thread each train 1.36-1.42x the images/s of one net with both (benchmarks/lanes.py;
+# LANES=1 finishes the next net sooner). Each lane takes the next net that is neither finished
+# nor held by the other lane (flock).
 CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
-CAMPAIGN_NETS ?= resnet20 resnet56 plain56 plain20 resnet32 resnet44 resnet110 plain110
+# ResNet-20 was trained first, in fp32 on an AVX2-only CPU, and ships; on a CPU with bf16 units it
+# trains again, in bf16 as the others do, right after ResNet-56: issue 9's two precisions side
+# by side.
+CAMPAIGN_NETS ?= resnet56 resnet20 plain56 plain20 resnet32 resnet44 resnet110 plain110
 CAMPAIGN_RUNS ?= runs/reproduce-cifar10-jpeg-train-zip-full
 CAMPAIGN_REPORTS ?= runs/campaign-reports
 CAMPAIGN_LOGS ?= runs/campaign-logs
@@ -70,7 +74,7 @@ LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES
 # (benchmarks/omp_wait_policy.py). It matters only where LANE_THREADS > 1 (LANES=1 on 2 cores):
 # a lane of one thread never waits for another.
 OMP_WAIT ?= PASSIVE
-campaign: setup
+campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@for lane in $$(seq $(LANES)); do \
 	  ( for m in $(CAMPAIGN_NETS); do \
@@ -84,13 +88,28 @@ campaign: setup
 	  sleep 5; \
 	done; wait
 
-# Lands what the campaign finished: each finished net published as NET-cifar10 (once), then
-# Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into docs/results/*-full.
-land: setup
+# Runs stay out of git, and a new machine starts without them. What a finished net needs to
+# count again is in git: its shipped weights and the training record `make land` published
+# beside them (config, metrics, summary in CAMPAIGN_RECORDS). `make restore` rebuilds each such
+# run that runs/ lacks, so the campaign does not train it again and the reports keep it. An
+# unfinished run has no such record: a lost one starts again.
+CAMPAIGN_RECORDS ?= docs/results/campaign-runs
+restore: setup
+	@for m in $(CAMPAIGN_NETS); do \
+	  test -e $(CAMPAIGN_RUNS)/$$m || test ! -f $(CAMPAIGN_RECORDS)/$$m/summary.json || \
+	    $(VENV)/bin/deepres restore $$m-cifar10 --record $(CAMPAIGN_RECORDS)/$$m \
+	      --out $(CAMPAIGN_RUNS)/$$m || exit 1; \
+	done
+
+# Lands what the campaign finished: each finished net published as NET-cifar10 (once) with its
+# training record, then Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into
+# docs/results/*-full.
+land: restore
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
 	  finished="$$finished,$$m"; \
 	  test -d deepres/weights/$$m-cifar10 || $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$m-cifar10 \
+	    --record $(CAMPAIGN_RECORDS)/$$m \
 	    --command "make campaign: deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 --models $$m --runs $(CAMPAIGN_RUNS)" \
 	    > /dev/null || exit 1; \
 	done; \

@@ -1,6 +1,7 @@
 """One training run on all cores, or one run per core side by side: total images/s as JSON.
 
     .venv/bin/python benchmarks/lanes.py --model resnet20 --seconds 40 --rounds 2
+    .venv/bin/python benchmarks/lanes.py --model resnet56 --precision bf16
 
 A campaign of many nets (issue 9) can run them one after another with every core each, or
 several at once with fewer threads each. Which gives more images/s in total depends on how well
@@ -26,8 +27,10 @@ from deepres import create_model
 from deepres.provenance import machine
 
 
-def lane(model_name: str, batch_size: int, seconds: float, warmup: int) -> float:
+def lane(model_name: str, batch_size: int, seconds: float, warmup: int, precision: str) -> float:
     """Images/s of training steps in this process, timed for `seconds` after `warmup` steps."""
+    # As deepres trains with --precision bf16: the forward and loss under bf16 autocast.
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
     model = create_model(model_name).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -35,7 +38,8 @@ def lane(model_name: str, batch_size: int, seconds: float, warmup: int) -> float
     y = torch.randint(0, 10, (batch_size,))
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
+        with amp:
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -56,6 +60,7 @@ def run_lanes(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": wait_policy}
     command = [sys.executable, __file__, "--lane", "--model", args.model]
     command += ["--batch-size", str(args.batch_size), "--seconds", str(args.seconds)]
+    command += ["--precision", args.precision]
     children = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(lanes)
     ]
@@ -68,10 +73,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=40)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.lane:
-        print(lane(args.model, args.batch_size, args.seconds, warmup=5))
+        print(lane(args.model, args.batch_size, args.seconds, warmup=5, precision=args.precision))
         return
     cores = os.cpu_count() or 1
     layouts = {"one_run_all_cores": (1, cores), "one_run_per_core": (cores, 1)}
@@ -87,6 +93,7 @@ def main() -> None:
         "benchmark": "lanes",
         "model": args.model,
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "seconds_per_lane": args.seconds,
         "rounds": args.rounds,
         "total_images_per_sec": medians,

@@ -32,7 +32,7 @@ from deepres.experiments.common import BUDGETS
 from deepres.export import export_onnx
 from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
-from deepres.pretrained import describe, publish
+from deepres.pretrained import describe, publish, restore
 from deepres.report import block_table, find_runs, plot_status, run_status
 from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
@@ -256,8 +256,15 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> None:
     """deepres publish: ship a finished run's net by name."""
-    entry = publish(args.run, args.name, args.command_that_trained, bf16=args.bf16 or None)
+    entry = publish(
+        args.run, args.name, args.command_that_trained, bf16=args.bf16 or None, record=args.record
+    )
     print(json.dumps(entry, indent=2))
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    """deepres restore: a shipped net's finished run rebuilt from its training record."""
+    print(restore(args.name, args.record, args.out))
 
 
 def cmd_pretrained(args: argparse.Namespace) -> None:
@@ -632,7 +639,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--command", dest="command_that_trained", required=True, help="how the run was trained"
     )
     p.add_argument("--bf16", action="store_true", help="store the weights in bf16")
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="also copy the run's config, metrics and summary here, for `deepres restore`",
+    )
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser(
+        "restore", help="rebuild a shipped net's finished run from its record (maintainers)"
+    )
+    p.add_argument("name", help="a shipped net, e.g. resnet56-cifar10")
+    p.add_argument(
+        "--record", type=Path, required=True, metavar="DIR", help="where publish --record wrote"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the run directory to create")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("export", help="a trained run as ONNX, preprocessing and softmax included")
     p.add_argument("run", type=Path, help="a run directory or a shipped net's name")

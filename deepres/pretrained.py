@@ -18,6 +18,7 @@ from pathlib import Path
 from deepres.checkpoint import (
     CONFIG,
     PREPROCESS,
+    SUMMARY,
     WEIGHTS,
     load_tensors,
     read_config,
@@ -35,6 +36,9 @@ MANIFEST = "manifest.json"
 MAX_BYTES = 4 * 1024 * 1024
 # A folder name inside SHIPPED, never a path out of it.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A finished run's training record: everything but its weights and checkpoint, which are
+# the shipped net's and the bulk of the run.
+RECORD = (CONFIG, METRICS, SUMMARY)
 
 
 def manifest(root: Path | None = None) -> dict[str, dict]:
@@ -77,12 +81,18 @@ def shipped_iterations(path: Path) -> int | None:
 
 
 def publish(
-    run: str | Path, name: str, command: str, root: Path | None = None, bf16: bool | None = None
+    run: str | Path,
+    name: str,
+    command: str,
+    root: Path | None = None,
+    bf16: bool | None = None,
+    record: Path | None = None,
 ) -> dict:
     """Copy a finished run's net into root/<name>/ and record it in root/manifest.json.
 
     Weights are stored in fp32 unless they would pass MAX_BYTES (or bf16=True): then in bf16,
-    which `load` casts back to fp32.
+    which `load` casts back to fp32. With record, the run's training record (config, metrics,
+    summary) is copied there too, for `restore` to rebuild the run from.
     """
     run, root = Path(run), Path(root or SHIPPED)
     if not _NAME.fullmatch(name):
@@ -150,7 +160,59 @@ def publish(
     nets = manifest(root)
     nets[name] = entry
     write_json(path, {"nets": dict(sorted(nets.items()))})
+    if record is not None:
+        _copy_files(run, Path(record), RECORD)
     return entry
+
+
+def _copy_files(
+    source: Path, dest: Path, names: tuple[str, ...], extra: dict | None = None
+) -> None:
+    """Copy names from source (and extra: name -> path) into a new dest, swapped in whole."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for n in names:
+            shutil.copyfile(source / n, staged / n)
+        for n, path in (extra or {}).items():
+            shutil.copyfile(path, staged / n)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staged.rename(dest)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def restore(name: str, record: Path, out: Path, root: Path | None = None) -> Path:
+    """Rebuild the finished run of a shipped net at out, from its training record.
+
+    Runs live outside git and a move to a new machine loses them; the shipped weights and the
+    record published beside them are in git, and together they are the finished run again, so
+    the reports take it as before. The record must be the shipped net's own: same iterations
+    and final training error as the manifest says.
+    """
+    record, out = Path(record), Path(out)
+    if out.exists():
+        raise ValueError(f"{out}: exists; restore writes a new run directory only")
+    shipped = resolve_run(name, root)  # checks the weights' sha256
+    entry = manifest(root)[name]
+    missing = [n for n in RECORD if not (record / n).is_file()]
+    if missing:
+        raise ValueError(f"{record}: no {', '.join(missing)}; not a training record")
+    read_config(record)
+    metrics = read_metrics(record)
+    if not metrics:
+        raise ValueError(f"{record / METRICS}: no training records")
+    iterations = metrics[-1]["iteration"]
+    train_error = round(final_training(metrics)[0], 3)
+    if (iterations, train_error) != (entry["iterations"], entry["train_error"]):
+        raise ValueError(
+            f"{record}: not the record of {name} (iteration {iterations:,}, training error "
+            f"{train_error}%; the manifest: {entry['iterations']:,}, {entry['train_error']}%)"
+        )
+    extra = {n: shipped / n for n in (WEIGHTS, PREPROCESS)}
+    _copy_files(record, out, RECORD, extra)
+    return out
 
 
 def describe(root: Path | None = None) -> list[str]:

@@ -268,3 +268,42 @@ def test_eval_names_the_iteration_of_a_run_without_a_budget(
     (out / "config.json").write_text(json.dumps(saved))
     assert main(["eval", str(out), "--data", str(tiny_folder)]) == 0
     assert capsys.readouterr().out.startswith(f"{out} at iteration 4 on ")
+
+
+def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
+    finished_run, tmp_path, shipped, capsys
+):
+    from deepres.experiments.common import run_result
+    from deepres.report import run_status
+
+    record = tmp_path / "records" / "tiny"
+    argv = ["publish", str(finished_run), "tiny-colours", "--command", "c", "--record", str(record)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in record.iterdir()) == [
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    out = tmp_path / "runs" / "tiny"
+    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    # The run the reports took before the loss, weights and all.
+    before, after = run_result(finished_run), run_result(out)
+    assert {**after, "run": None} == {**before, "run": None}
+    assert run_status(out)["finished"] and deepres.load(out).iteration == 4
+    torch.testing.assert_close(
+        load_tensors(out / WEIGHTS)[0], load_tensors(finished_run / WEIGHTS)[0]
+    )
+    # Never over a run that is there; never from another net's record.
+    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(out)]) == 2
+    assert "exists; restore writes a new run directory only" in capsys.readouterr().err
+    lines = (record / "metrics.jsonl").read_text().splitlines()
+    (record / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    other = tmp_path / "runs" / "other"
+    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(other)]) == 2
+    assert "not the record of tiny-colours (iteration 2" in capsys.readouterr().err
+    assert not other.exists()
+    (record / "summary.json").unlink()
+    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(other)]) == 2
+    assert "no summary.json; not a training record" in capsys.readouterr().err
