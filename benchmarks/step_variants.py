@@ -19,6 +19,8 @@ single-thread variants fairly.
   benchmark usually takes
 - eager_bf16: the eager step under bf16 autocast, as `--precision bf16` trains (emulated, and
   far slower, on a CPU without avx512_bf16 or amx_bf16)
+- compile_model_bf16, compile_loss_bf16: the two compiled forms under bf16 autocast, as
+  `--compile --precision bf16` trains
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ from deepres import create_model
 from deepres.models.blocks import ZeroPadShortcut
 from deepres.provenance import machine
 
-VARIANTS = ("eager", "eager_nchw", "eager_pool", "compile_model", "compile_loss", "eager_bf16")
+VARIANTS = (
+    "eager",
+    "eager_nchw",
+    "eager_pool",
+    "compile_model",
+    "compile_loss",
+    "eager_bf16",
+    "compile_model_bf16",
+    "compile_loss_bf16",
+)
 
 
 class PoolShortcut(ZeroPadShortcut):
@@ -63,13 +74,14 @@ def make_step(variant: str, model_name: str, batch_size: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch_size,))
-    net = torch.compile(model) if variant == "compile_model" else model
+    net = torch.compile(model) if variant.startswith("compile_model") else model
+    bf16 = variant.endswith("_bf16")
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", torch.bfloat16, enabled=variant == "eager_bf16"):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             return F.cross_entropy(net(x), y)
 
-    forward = torch.compile(loss_of) if variant == "compile_loss" else loss_of
+    forward = torch.compile(loss_of) if variant.startswith("compile_loss") else loss_of
 
     def step() -> None:
         loss = forward(x, y)

@@ -247,6 +247,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         args.device,
         progress=not args.quiet,
         command=command,
+        compile=args.compile,
     )
     out = args.out or f"reports/{args.experiment}-{args.budget}"
     for claim in result["claims"]:
@@ -604,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: 5000 (at most a tenth of the images) when the data has no test split",
     )
     p.add_argument("--device", default="auto", help="auto (the default), cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile each run's training step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 

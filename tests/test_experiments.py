@@ -334,3 +334,20 @@ def test_trained_on_every_image_reports_training_error_only(tmp_path):
         command="test",
     )
     assert responses["response_images"] == "training" and responses["n_images"] == 71
+
+
+def test_reproduce_compile_compiles_new_and_resumed_runs(tiny_folder, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    runs = tmp_path / "r"
+    # A run stopped without compiling is resumed compiled: how it trains, not what.
+    ctx = Context(str(tiny_folder), BUDGETS["smoke"], runs, val_split=0, progress=False)
+    train(ctx.config("resnet20", "resnet20"), stop_at=2, progress=False)
+    assert compiled == []
+    args = ["reproduce", "degradation", "--data", str(tiny_folder), "--budget", "smoke"]
+    args += ["--models", "resnet20,plain20", "--runs", str(runs), "--out", str(tmp_path / "o")]
+    assert main([*args, "--quiet", "--compile"]) == 0
+    assert len(compiled) == 2  # the resumed resnet20 and the new plain20
+    # config.json records how each run started.
+    assert load_config(runs / "plain20").compile and not load_config(runs / "resnet20").compile
+    assert json.loads((runs / "resnet20" / "summary.json").read_text())["iteration"] == 4

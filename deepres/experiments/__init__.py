@@ -31,6 +31,7 @@ def reproduce(
     device: str = "auto",
     progress: bool = True,
     command: str = "",
+    compile: bool = False,
 ) -> dict:
     """Run one experiment (training or reusing its runs) and write DIR/report.md and friends."""
     if experiment not in EXPERIMENTS:
@@ -50,6 +51,7 @@ def reproduce(
         val_split=val_split,
         device=device,
         progress=progress,
+        compile=compile,
     )
     # Read before training: the commit of the code this process runs, not of a later checkout.
     where = machine()

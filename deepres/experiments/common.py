@@ -45,6 +45,8 @@ class Context:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    # torch.compile each run's training step: how it trains, not what (a resume may differ).
+    compile: bool = False
 
     def config(self, name: str, model: str, **options) -> TrainConfig:
         """The TrainConfig of one run of this experiment."""
@@ -60,6 +62,7 @@ class Context:
             eval_every=max(1, self.budget.iters // self.budget.evals),
             checkpoint_every=self.budget.checkpoint_every,
             device=self.device,
+            compile=self.compile,
             **options,
         )
 
@@ -101,9 +104,9 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
             return run
         if not (run / CHECKPOINT).exists():
             raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
-        # How often it saves is the budget's of today, not the one it was started with.
+        # How often it saves and whether it compiles are today's, not those it started with.
         summary = train(
-            replace(saved, checkpoint_every=config.checkpoint_every),
+            replace(saved, checkpoint_every=config.checkpoint_every, compile=config.compile),
             resume=True,
             progress=ctx.progress,
         )
