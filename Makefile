@@ -102,19 +102,24 @@ CAMPAIGN_RECORDS ?= docs/results/campaign-runs
 restore: setup
 	@for m in $(CAMPAIGN_NETS); do \
 	  test -e $(CAMPAIGN_RUNS)/$$m || test ! -f $(CAMPAIGN_RECORDS)/$$m/summary.json || \
-	    $(VENV)/bin/deepres restore $$m-cifar10 --record $(CAMPAIGN_RECORDS)/$$m \
-	      --out $(CAMPAIGN_RUNS)/$$m || exit 1; \
+	    $(VENV)/bin/deepres restore --record $(CAMPAIGN_RECORDS)/$$m --out $(CAMPAIGN_RUNS)/$$m \
+	    || exit 1; \
 	done
 
-# Lands what the campaign finished: each finished net published as NET-cifar10 (once) with its
-# training record, then Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into
-# docs/results/*-full.
+# Lands what the campaign finished: each finished net published once, with its training record,
+# as NET-cifar10, then Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into
+# docs/results/*-full. A name already shipped without a record (ResNet-20, trained in fp32
+# before records were kept) gets the run's precision: resnet20-cifar10-bf16.
 land: restore
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
 	  finished="$$finished,$$m"; \
-	  test -d deepres/weights/$$m-cifar10 || $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$m-cifar10 \
-	    --record $(CAMPAIGN_RECORDS)/$$m \
+	  test -f $(CAMPAIGN_RECORDS)/$$m/summary.json && continue; \
+	  name=$$m-cifar10; \
+	  test -d deepres/weights/$$name && name=$$name-$$($(PY) -c \
+	    "import json, sys; print(json.load(open(sys.argv[1]))['config']['precision'])" \
+	    $(CAMPAIGN_RUNS)/$$m/config.json); \
+	  $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$name --record $(CAMPAIGN_RECORDS)/$$m \
 	    --command "make campaign: deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 --models $$m --runs $(CAMPAIGN_RUNS)" \
 	    > /dev/null || exit 1; \
 	done; \

@@ -265,7 +265,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> None:
     """deepres restore: a shipped net's finished run rebuilt from its training record."""
-    print(restore(args.name, args.record, args.out))
+    print(f"{args.out}: the finished run of {restore(args.record, args.out, args.name)}")
 
 
 def cmd_pretrained(args: argparse.Namespace) -> None:
@@ -652,11 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "restore", help="rebuild a shipped net's finished run from its record (maintainers)"
     )
-    p.add_argument("name", help="a shipped net, e.g. resnet56-cifar10")
     p.add_argument(
         "--record", type=Path, required=True, metavar="DIR", help="where publish --record wrote"
     )
     p.add_argument("--out", type=Path, required=True, help="the run directory to create")
+    p.add_argument(
+        "--name", help="the shipped net, e.g. resnet56-cifar10 (default: the one the record fits)"
+    )
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("export", help="a trained run as ONNX, preprocessing and softmax included")

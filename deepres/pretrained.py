@@ -183,36 +183,38 @@ def _copy_files(
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def restore(name: str, record: Path, out: Path, root: Path | None = None) -> Path:
-    """Rebuild the finished run of a shipped net at out, from its training record.
+def restore(record: Path, out: Path, name: str | None = None, root: Path | None = None) -> str:
+    """Rebuild a shipped net's finished run at out from its training record; the net's name.
 
     Runs live outside git and a move to a new machine loses them; the shipped weights and the
     record published beside them are in git, and together they are the finished run again, so
-    the reports take it as before. The record must be the shipped net's own: same iterations
-    and final training error as the manifest says.
+    the reports take it as before. The shipped net is the one (or name, checked) with the
+    record's model, iterations and final training error in the manifest.
     """
     record, out = Path(record), Path(out)
     if out.exists():
         raise ValueError(f"{out}: exists; restore writes a new run directory only")
-    shipped = resolve_run(name, root)  # checks the weights' sha256
-    entry = manifest(root)[name]
     missing = [n for n in RECORD if not (record / n).is_file()]
     if missing:
         raise ValueError(f"{record}: no {', '.join(missing)}; not a training record")
-    read_config(record)
+    model = read_config(record)["model"]
     metrics = read_metrics(record)
     if not metrics:
         raise ValueError(f"{record / METRICS}: no training records")
-    iterations = metrics[-1]["iteration"]
-    train_error = round(final_training(metrics)[0], 3)
-    if (iterations, train_error) != (entry["iterations"], entry["train_error"]):
-        raise ValueError(
-            f"{record}: not the record of {name} (iteration {iterations:,}, training error "
-            f"{train_error}%; the manifest: {entry['iterations']:,}, {entry['train_error']}%)"
-        )
-    extra = {n: shipped / n for n in (WEIGHTS, PREPROCESS)}
-    _copy_files(record, out, RECORD, extra)
-    return out
+    trained = (model, metrics[-1]["iteration"], round(final_training(metrics)[0], 3))
+    what = f"{model}, iteration {trained[1]:,}, training error {trained[2]}%"
+    nets = manifest(root)
+    ours = [
+        n for n, e in nets.items() if (e["model"], e["iterations"], e["train_error"]) == trained
+    ]
+    if name is None and not ours:
+        raise ValueError(f"{record}: no shipped net was trained by this record ({what})")
+    name = name or ours[0]
+    shipped = resolve_run(name, root)  # checks the weights' sha256
+    if name not in ours:
+        raise ValueError(f"{record}: not the record of {name} ({what})")
+    _copy_files(record, out, RECORD, {n: shipped / n for n in (WEIGHTS, PREPROCESS)})
+    return name
 
 
 def describe(root: Path | None = None) -> list[str]:

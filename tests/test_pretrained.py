@@ -286,8 +286,8 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
         "summary.json",
     ]
     out = tmp_path / "runs" / "tiny"
-    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    assert main(["restore", "--record", str(record), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: the finished run of tiny-colours"
     # The run the reports took before the loss, weights and all.
     before, after = run_result(finished_run), run_result(out)
     assert {**after, "run": None} == {**before, "run": None}
@@ -296,14 +296,23 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
         load_tensors(out / WEIGHTS)[0], load_tensors(finished_run / WEIGHTS)[0]
     )
     # Never over a run that is there; never from another net's record.
-    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(out)]) == 2
+    restore = ["restore", "--record", str(record), "--out"]
+    assert main([*restore, str(out)]) == 2
     assert "exists; restore writes a new run directory only" in capsys.readouterr().err
+    # Named, the net is checked against the record.
+    named = tmp_path / "runs" / "named"
+    assert main([*restore, str(named), "--name", "tiny-colours"]) == 0
+    assert run_result(named)["train_error"] == before["train_error"]
     lines = (record / "metrics.jsonl").read_text().splitlines()
     (record / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     other = tmp_path / "runs" / "other"
-    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(other)]) == 2
-    assert "not the record of tiny-colours (iteration 2" in capsys.readouterr().err
+    assert main([*restore, str(other), "--name", "tiny-colours"]) == 2
+    assert "not the record of tiny-colours (resnet20, iteration 2" in capsys.readouterr().err
+    assert main([*restore, str(other)]) == 2
+    assert "no shipped net was trained by this record (resnet20, iteration 2" in (
+        capsys.readouterr().err
+    )
     assert not other.exists()
     (record / "summary.json").unlink()
-    assert main(["restore", "tiny-colours", "--record", str(record), "--out", str(other)]) == 2
+    assert main([*restore, str(other)]) == 2
     assert "no summary.json; not a training record" in capsys.readouterr().err
