@@ -80,7 +80,7 @@ OMP_WAIT ?= PASSIVE
 CAMPAIGN_COMPILE ?= --compile
 campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
-	@for lane in $$(seq $(LANES)); do \
+	@pids=""; for lane in $$(seq $(LANES)); do \
 	  ( for m in $(CAMPAIGN_NETS); do \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json && continue; \
 	      OMP_NUM_THREADS=$(LANE_THREADS) OMP_WAIT_POLICY=$(OMP_WAIT) flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
@@ -90,8 +90,8 @@ campaign: restore
 	      code=$$?; test $$code = 75 && continue; \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { echo "campaign lane $$lane: $$m stopped"; exit 1; }; \
 	    done ) & \
-	  sleep 5; \
-	done; wait
+	  pids="$$pids $$!"; sleep 5; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
 
 # Runs stay out of git, and a new machine starts without them. What a finished net needs to
 # count again is in git: its shipped weights and the training record `make land` published
@@ -101,25 +101,25 @@ campaign: restore
 CAMPAIGN_RECORDS ?= docs/results/campaign-runs
 restore: setup
 	@for m in $(CAMPAIGN_NETS); do \
-	  test -e $(CAMPAIGN_RUNS)/$$m || test ! -f $(CAMPAIGN_RECORDS)/$$m/summary.json || \
+	  test -f $(CAMPAIGN_RECORDS)/$$m/summary.json || continue; \
+	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json && continue; \
+	  if test -e $(CAMPAIGN_RUNS)/$$m; then \
+	    echo "restore: $(CAMPAIGN_RUNS)/$$m is unfinished beside the finished record of $$m; remove it to restore that"; \
+	  else \
 	    $(VENV)/bin/deepres restore --record $(CAMPAIGN_RECORDS)/$$m --out $(CAMPAIGN_RUNS)/$$m \
-	    || exit 1; \
+	      || echo "restore: $$m not restored; the campaign trains it again"; \
+	  fi; \
 	done
 
 # Lands what the campaign finished: each finished net published once, with its training record,
 # as NET-cifar10, then Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into
-# docs/results/*-full. A name already shipped without a record (ResNet-20, trained in fp32
-# before records were kept) gets the run's precision: resnet20-cifar10-bf16.
+# docs/results/*-full. A name another run holds (ResNet-20, shipped in fp32 before records were
+# kept) gets the run's precision: resnet20-cifar10-bf16.
 land: restore
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
 	  finished="$$finished,$$m"; \
-	  test -f $(CAMPAIGN_RECORDS)/$$m/summary.json && continue; \
-	  name=$$m-cifar10; \
-	  test -d deepres/weights/$$name && name=$$name-$$($(PY) -c \
-	    "import json, sys; print(json.load(open(sys.argv[1]))['config']['precision'])" \
-	    $(CAMPAIGN_RUNS)/$$m/config.json); \
-	  $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$name --record $(CAMPAIGN_RECORDS)/$$m \
+	  $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$m-cifar10 --once --record $(CAMPAIGN_RECORDS)/$$m \
 	    --command "make campaign: deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 --models $$m --runs $(CAMPAIGN_RUNS)" \
 	    > /dev/null || exit 1; \
 	done; \

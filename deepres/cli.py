@@ -258,7 +258,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_publish(args: argparse.Namespace) -> None:
     """deepres publish: ship a finished run's net by name."""
     entry = publish(
-        args.run, args.name, args.command_that_trained, bf16=args.bf16 or None, record=args.record
+        args.run,
+        args.name,
+        args.command_that_trained,
+        bf16=args.bf16 or None,
+        record=args.record,
+        once=args.once,
     )
     print(json.dumps(entry, indent=2))
 
@@ -645,7 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         type=Path,
         metavar="DIR",
-        help="also copy the run's config, metrics and summary here, for `deepres restore`",
+        help="also write the run's config, metrics and summary here (the folder is replaced), "
+        "for `deepres restore`",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="leave a run shipped already as it is; a name another run holds gets the run's "
+        "precision (NAME-bf16)",
     )
     p.set_defaults(func=cmd_publish)
 

@@ -67,10 +67,30 @@ def resolve_run(run: str | Path, root: Path | None = None) -> Path:
         raise FileNotFoundError(
             f"{run}: no such run directory, nor a shipped net (shipped: {shipped})"
         )
-    shipped_dir = Path(root or SHIPPED) / str(run)
-    if sha256(shipped_dir / WEIGHTS) != nets[str(run)]["sha256"]:
+    return _verified(str(run), nets[str(run)], root)
+
+
+def _verified(name: str, entry: dict, root: Path | None) -> Path:
+    """The folder of the shipped net name, its weights checked against the manifest's sha256."""
+    shipped_dir = Path(root or SHIPPED) / name
+    if sha256(shipped_dir / WEIGHTS) != entry["sha256"]:
         raise ValueError(f"{shipped_dir / WEIGHTS}: sha256 differs from the manifest's")
     return shipped_dir
+
+
+def _trained(saved: dict, metrics: list[dict]) -> tuple:
+    """What identifies a finished run among shipped nets: model, iterations, error, precision."""
+    error = round(final_training(metrics)[0], 3)
+    return saved["model"], metrics[-1]["iteration"], error, saved["config"].get("precision", "fp32")
+
+
+def _shipped_as(trained: tuple, nets: dict[str, dict]) -> list[str]:
+    """The names of the shipped nets that are the run `trained` identifies."""
+    return [
+        n
+        for n, e in nets.items()
+        if (e["model"], e["iterations"], e["train_error"], e["precision"]) == trained
+    ]
 
 
 def shipped_iterations(path: Path) -> int | None:
@@ -87,12 +107,15 @@ def publish(
     root: Path | None = None,
     bf16: bool | None = None,
     record: Path | None = None,
+    once: bool = False,
 ) -> dict:
     """Copy a finished run's net into root/<name>/ and record it in root/manifest.json.
 
     Weights are stored in fp32 unless they would pass MAX_BYTES (or bf16=True): then in bf16,
     which `load` casts back to fp32. With record, the run's training record (config, metrics,
-    summary) is copied there too, for `restore` to rebuild the run from.
+    summary) is written there first, for `restore` to rebuild the run from. With once, a run
+    shipped already is left as it is (its record written if missing), and a name another run
+    holds gets this run's precision: resnet20-cifar10-bf16.
     """
     run, root = Path(run), Path(root or SHIPPED)
     if not _NAME.fullmatch(name):
@@ -103,6 +126,24 @@ def publish(
     metrics = read_metrics(run)
     if not metrics:
         raise ValueError(f"{run / METRICS}: no training records to publish")
+    if record is not None:
+        _check_record_folder(Path(record), run)
+    trained = _trained(saved, metrics)
+    nets = manifest(root)
+    if once:
+        mine = _shipped_as(trained, nets)
+        if mine:
+            if record is not None and not all((Path(record) / n).is_file() for n in RECORD):
+                _copy_files(run, Path(record), RECORD)
+            return nets[mine[0]]
+        if name in nets:
+            name = f"{name}-{trained[3]}"
+            if name in nets:
+                raise ValueError(f"{name}: shipped already, from another run")
+    # The record first: weights shipped without it could not be restored, while a record
+    # without its weights is published again by the next `publish --once`.
+    if record is not None:
+        _copy_files(run, Path(record), RECORD)
     weights, _ = load_tensors(run / WEIGHTS)
     fp32_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if bf16 is None:
@@ -160,13 +201,21 @@ def publish(
     nets = manifest(root)
     nets[name] = entry
     write_json(path, {"nets": dict(sorted(nets.items()))})
-    if record is not None:
-        _copy_files(run, Path(record), RECORD)
     return entry
 
 
+def _check_record_folder(record: Path, run: Path) -> None:
+    """A record folder is replaced whole: never the run itself, nor a folder of other files."""
+    if record.resolve() == run.resolve() or run.resolve() in record.resolve().parents:
+        raise ValueError(f"{record}: inside the run {run}; a record goes elsewhere")
+    if record.is_dir():
+        others = sorted(p.name for p in record.iterdir() if p.name not in RECORD)
+        if others:
+            raise ValueError(f"{record}: holds other files than a record ({', '.join(others)})")
+
+
 def _copy_files(
-    source: Path, dest: Path, names: tuple[str, ...], extra: dict | None = None
+    source: Path, dest: Path, names: tuple[str, ...], extra: dict[str, Path] | None = None
 ) -> None:
     """Copy names from source (and extra: name -> path) into a new dest, swapped in whole."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +238,8 @@ def restore(record: Path, out: Path, name: str | None = None, root: Path | None 
     Runs live outside git and a move to a new machine loses them; the shipped weights and the
     record published beside them are in git, and together they are the finished run again, so
     the reports take it as before. The shipped net is the one (or name, checked) with the
-    record's model, iterations and final training error in the manifest.
+    record's model, iterations, final training error and precision in the manifest. A net
+    stored in bf16 comes back with those bf16 weights, not the run's fp32 ones.
     """
     record, out = Path(record), Path(out)
     if out.exists():
@@ -197,22 +247,20 @@ def restore(record: Path, out: Path, name: str | None = None, root: Path | None 
     missing = [n for n in RECORD if not (record / n).is_file()]
     if missing:
         raise ValueError(f"{record}: no {', '.join(missing)}; not a training record")
-    model = read_config(record)["model"]
+    saved = read_config(record)
     metrics = read_metrics(record)
     if not metrics:
         raise ValueError(f"{record / METRICS}: no training records")
-    trained = (model, metrics[-1]["iteration"], round(final_training(metrics)[0], 3))
-    what = f"{model}, iteration {trained[1]:,}, training error {trained[2]}%"
+    trained = _trained(saved, metrics)
+    what = f"{trained[0]}, iteration {trained[1]:,}, training error {trained[2]}%, {trained[3]}"
     nets = manifest(root)
-    ours = [
-        n for n, e in nets.items() if (e["model"], e["iterations"], e["train_error"]) == trained
-    ]
-    if name is None and not ours:
+    ours = _shipped_as(trained, nets)
+    if name is not None and name not in ours:
+        raise ValueError(f"{record}: not the record of {name} ({what})")
+    if not ours:
         raise ValueError(f"{record}: no shipped net was trained by this record ({what})")
     name = name or ours[0]
-    shipped = resolve_run(name, root)  # checks the weights' sha256
-    if name not in ours:
-        raise ValueError(f"{record}: not the record of {name} ({what})")
+    shipped = _verified(name, nets[name], root)
     _copy_files(record, out, RECORD, {n: shipped / n for n in (WEIGHTS, PREPROCESS)})
     return name
 

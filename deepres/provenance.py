@@ -76,14 +76,17 @@ def git_commit(where: Path | None = None) -> str | None:
 
 
 def git_dirty(where: Path | None = None) -> bool | None:
-    """Whether the deepres package differs from that commit (edited or new files), None outside git.
+    """Whether deepres's code (the package and benchmarks/) differs from that commit, or None.
 
-    The package folder alone: results and reports written into the checkout are no change to
-    the code that made them. An edited script under benchmarks/ or tests/ is not seen here.
+    Results and reports written into the checkout are no change to the code that made them,
+    shipped weights included (`make land` publishes them, then writes reports). An edited
+    script under tests/ is not seen here.
     """
     # No optional locks: a campaign's runs call this while git may be committing beside them.
+    # Untracked files "normal": a user's status.showUntrackedFiles=no would hide new modules.
+    paths = [".", "../benchmarks", ":(exclude)weights"]
     out = _git(
-        ["--no-optional-locks", "status", "--porcelain", "--untracked-files=normal", "--", "."],
+        ["--no-optional-locks", "status", "--porcelain", "--untracked-files=normal", "--", *paths],
         where,
     )
     return None if out is None else bool(out.strip())

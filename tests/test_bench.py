@@ -217,6 +217,15 @@ def test_provenance_marks_code_that_differs_from_its_commit(tmp_path):
     git("commit", "-qam", "deeper")
     (package / "new.py").write_text("")  # a new module counts too
     assert git_dirty(package) is True
+    git("add", ".")
+    git("commit", "-qm", "new")
+    # Shipped weights are results, not code; a benchmark script beside the package is code.
+    (package / "weights").mkdir()
+    (package / "weights" / "manifest.json").write_text("{}")
+    assert git_dirty(package) is False
+    (repo / "benchmarks").mkdir()
+    (repo / "benchmarks" / "lanes.py").write_text("")
+    assert git_dirty(package) is True
     assert git_commit(tmp_path) is None and git_dirty(tmp_path) is None  # outside git
     assert machine()["git_dirty"] == git_dirty()  # every record says it, of deepres itself
     # and a report names the commit of such code with the mark

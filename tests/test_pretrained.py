@@ -248,7 +248,7 @@ def test_a_shipped_cifar10_net_evaluates_the_official_python_format(name, tmp_pa
     assert result["top1_error"] <= SHIPPED_NETS[name]["train_error"] + 5
 
 
-def test_the_weights_own_iteration_comes_before_the_run_files(finished_run, tiny_folder, tmp_path):
+def test_the_weights_own_iteration_comes_before_the_run_files(finished_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     weights, _ = load_tensors(out / WEIGHTS)
@@ -279,7 +279,9 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
     record = tmp_path / "records" / "tiny"
     argv = ["publish", str(finished_run), "tiny-colours", "--command", "c", "--record", str(record)]
     assert main(argv) == 0
-    capsys.readouterr()
+    entry = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--once"]) == 0  # shipped already: the same entry, nothing written
+    assert json.loads(capsys.readouterr().out) == entry
     assert sorted(p.name for p in record.iterdir()) == [
         "config.json",
         "metrics.jsonl",
@@ -295,7 +297,7 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
     torch.testing.assert_close(
         load_tensors(out / WEIGHTS)[0], load_tensors(finished_run / WEIGHTS)[0]
     )
-    # Never over a run that is there; never from another net's record.
+    # Never over a run that is there; never from a record that is not the shipped net's.
     restore = ["restore", "--record", str(record), "--out"]
     assert main([*restore, str(out)]) == 2
     assert "exists; restore writes a new run directory only" in capsys.readouterr().err
@@ -316,3 +318,56 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
     (record / "summary.json").unlink()
     assert main([*restore, str(other)]) == 2
     assert "no summary.json; not a training record" in capsys.readouterr().err
+
+
+def test_publish_once_ships_each_run_once_and_keeps_its_record(finished_run, tmp_path, shipped):
+    from deepres.pretrained import restore
+
+    records = tmp_path / "records"
+    first = publish(finished_run, "tiny", "c", root=shipped, record=records / "a", once=True)
+    assert first["name"] == "tiny"
+    # Again: the run is shipped already; nothing is written but a missing record.
+    before = (shipped / "tiny" / WEIGHTS).read_bytes()
+    shutil.rmtree(records / "a")
+    again = publish(finished_run, "tiny", "c", root=shipped, record=records / "a", once=True)
+    assert again == first and (shipped / "tiny" / WEIGHTS).read_bytes() == before
+    assert (records / "a" / "summary.json").is_file()
+    # Another run under a name shipped already (the fp32 ResNet-20 against its bf16 rerun)
+    # gets its own precision; the two are told apart on restore by that precision.
+    other = tmp_path / "bf16-run"
+    shutil.copytree(finished_run, other)
+    saved = json.loads((other / "config.json").read_text())
+    precision = {"fp32": "bf16", "bf16": "fp32"}[saved["config"]["precision"]]
+    saved["config"]["precision"] = precision
+    (other / "config.json").write_text(json.dumps(saved))
+    entry = publish(other, "tiny", "c", root=shipped, record=records / "b", once=True)
+    assert entry["name"] == f"tiny-{precision}"
+    assert set(manifest(shipped)) == {"tiny", f"tiny-{precision}"}
+    assert restore(records / "b", tmp_path / "r1", root=shipped) == f"tiny-{precision}"
+    assert restore(records / "a", tmp_path / "r2", root=shipped) == "tiny"
+    # A record folder is replaced whole: never one with other files, nor the run itself.
+    (records / "c").mkdir()
+    (records / "c" / "notes.md").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files than a record \(notes.md\)"):
+        publish(finished_run, "x", "c", root=shipped, record=records / "c")
+    assert (records / "c" / "notes.md").read_text() == "mine" and "x" not in manifest(shipped)
+    with pytest.raises(ValueError, match="inside the run"):
+        publish(finished_run, "x", "c", root=shipped, record=finished_run)
+    assert (finished_run / WEIGHTS).is_file()
+    # Weights that are not the manifest's are not restored.
+    (shipped / "tiny" / WEIGHTS).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        restore(records / "a", tmp_path / "r3", root=shipped)
+    assert not (tmp_path / "r3").exists()
+
+
+def test_a_net_stored_in_bf16_is_restored_with_its_bf16_weights(finished_run, tmp_path, shipped):
+    from deepres.pretrained import restore
+
+    publish(finished_run, "tiny", "c", root=shipped, bf16=True, record=tmp_path / "rec")
+    out = tmp_path / "run"
+    assert restore(tmp_path / "rec", out, root=shipped) == "tiny"
+    weights, _ = load_tensors(out / WEIGHTS)
+    original, _ = load_tensors(finished_run / WEIGHTS)
+    assert weights["fc.weight"].dtype == torch.bfloat16
+    assert torch.equal(weights["fc.weight"], original["fc.weight"].bfloat16())
