@@ -54,7 +54,7 @@ lint: setup
 # Issue 9's campaign: the paper's CIFAR-10 protocol at the full 64k budget on all 50k training
 # images, each net resumed where it stopped. Hours per net on a CPU: run it in the background;
 # SIGTERM to the training processes checkpoints them and ends the campaign.
-# Lanes: on the 2-core CPUs one step scales to about 1.4x over 2 threads, so two nets side by
+# Lanes: on the 2-core CPUs one step scales to 1.41-1.47x over 2 threads, so two nets side by
 # side with a thread each train 1.36-1.42x the images/s of one net with both (benchmarks/lanes.py;
 # LANES=1 finishes the next net sooner). Each lane takes the next net that is neither finished
 # nor held by the other lane (flock).

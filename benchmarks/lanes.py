@@ -7,7 +7,8 @@ A campaign of many nets (issue 9) can run them one after another with every core
 several at once with fewer threads each. Which gives more images/s in total depends on how well
 one step scales over threads on the machine. Each lane is a separate process running deepres's
 training step (channels_last SGD, batch 128, CIFAR-shaped) for a fixed time after a warm-up; the
-two layouts take turns in rounds, and the median of each is reported.
+two layouts take turns in rounds, and the median of each is reported. `--precision bf16` runs
+the step under bf16 autocast, as deepres trains on a CPU with bf16 units.
 """
 
 from __future__ import annotations

@@ -475,7 +475,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     replica = distributed.wrap(model, device)
     if config.compile:
         # Fuses BN, ReLU and the additions around the convolutions: at most a few percent on
-        # the project's 2-core CPUs (benchmarks/step_variants.py), after a compile of ~30 s.
+        # the project's 2-core CPUs (benchmarks/step_variants.py), after a compile of 30-45 s.
         replica = torch.compile(replica)
     # Rank 0 alone evaluates, on the unwrapped net: no collective waits on the others.
     if not main:
