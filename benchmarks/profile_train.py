@@ -1,12 +1,15 @@
 """Where a deepres training step spends its time: torch.profiler totals by kind, as JSON.
 
     .venv/bin/python benchmarks/profile_train.py --model resnet20 --iters 20
+    .venv/bin/python benchmarks/profile_train.py --model resnet56 --precision bf16
 
 Runs deepres's own data path (device-resident uint8 images, batched crop and flip) and step
 on random CIFAR-shaped data; the split is by the self time of each operator. The convolutions'
 rate (their forward and backward FLOPs from PyTorch's flop counter over their profiled time)
 says how close the step is to the CPU's peak: with OMP_NUM_THREADS=1, compare it with one
-core's FMA peak (clock x FLOPs per cycle).
+core's FMA peak (clock x FLOPs per cycle). `--precision bf16` runs the forward and loss under
+bf16 autocast, as deepres trains on a CPU with bf16 units; its casts (dtype copies, the data
+path's uint8 to float among them) are their own kind.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ KINDS = {
     "convolution": ("conv", "mkldnn_convolution"),
     "batch_norm": ("batch_norm",),
     "relu_and_add": ("relu", "threshold", "aten::add"),
+    "casts": ("_to_copy", "aten::to", "copy_"),
     "data": (
         "index",
         "pad",
@@ -40,8 +44,6 @@ KINDS = {
         "randperm",
         "where",
         "arange",
-        "aten::to",
-        "copy_",
         "div",
         "sub",
         "contiguous",
@@ -75,7 +77,9 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
@@ -88,7 +92,8 @@ def main() -> None:
 
     def step(i: int) -> None:
         x, y = stream.batch(i)
-        loss = F.cross_entropy(model(x), y)
+        with amp:
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,6 +119,7 @@ def main() -> None:
                 "model": args.model,
                 "iters": args.iters,
                 "batch_size": args.batch_size,
+                "precision": args.precision,
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "seconds_per_step": whole / args.iters,
