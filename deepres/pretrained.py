@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from deepres.checkpoint import (
@@ -164,19 +165,14 @@ def publish(
         data = locate_data(saved["config"]["data"], data_path)
         image_size = saved["config"]["image_size"]
         saved["data_sha256"] = open_dataset(data, "train", image_size=image_size).fingerprint()
-    # Written beside the shipped net and swapped in whole: a failure leaves the old one as it was.
-    root.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        write_json(staged / CONFIG, saved)
-        shutil.copyfile(run / PREPROCESS, staged / PREPROCESS)
-        save_tensors(staged / WEIGHTS, weights, {"iteration": metrics[-1]["iteration"]})
-        out = root / name
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+    out = root / name
+
+    def write(folder: Path) -> None:
+        write_json(folder / CONFIG, saved)
+        shutil.copyfile(run / PREPROCESS, folder / PREPROCESS)
+        save_tensors(folder / WEIGHTS, weights, {"iteration": metrics[-1]["iteration"]})
+
+    _swap_in(out, write)
     train_error, train_loss = final_training(metrics)
     entry = {
         "name": name,
@@ -218,13 +214,23 @@ def _copy_files(
     source: Path, dest: Path, names: tuple[str, ...], extra: dict[str, Path] | None = None
 ) -> None:
     """Copy names from source (and extra: name -> path) into a new dest, swapped in whole."""
+
+    def write(folder: Path) -> None:
+        for n in names:
+            shutil.copyfile(source / n, folder / n)
+        for n, path in (extra or {}).items():
+            shutil.copyfile(path, folder / n)
+
+    _swap_in(dest, write)
+
+
+def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
+    """Have write fill a folder beside dest, then put it in dest's place whole."""
+    # A failure part way leaves dest as it was, never half old and half new.
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        for n in names:
-            shutil.copyfile(source / n, staged / n)
-        for n, path in (extra or {}).items():
-            shutil.copyfile(path, staged / n)
+        write(staged)
         if dest.exists():
             shutil.rmtree(dest)
         staged.rename(dest)
