@@ -20,6 +20,7 @@ from deepres.checkpoint import read_config
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
+from deepres.data.stream import open_image_files, stream_kind, stream_splits
 from deepres.inference import load, parse_device
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
@@ -271,7 +272,7 @@ def evaluate_run(
             default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1]),
             **{name: value for name, value in sizes.items() if value is not None},
         )
-        classes, n, images = read_full_size(data, read_split, keep)
+        classes, n, images = _full_size(data, read_split, keep, classifier.classes)
         index = _class_index(classes, classifier.classes, data, run)
         probs, labels = predict_protocol(
             model, images, classifier.preprocess, views, total=n, progress=progress
@@ -293,16 +294,32 @@ def evaluate_run(
     return {**record, **result, "classes": classifier.classes}
 
 
+def _full_size(data: str, split: str, keep, classes: list[str]):
+    """read_full_size, for WebDataset tar shards too (which only the streaming path reads)."""
+    if stream_kind(data) != "tar shards":
+        return read_full_size(data, split, keep)
+    # Shards carry class numbers: the run's classes name them, a split may lack some.
+    files = open_image_files(data, split, classes)
+    if keep is not None:
+        files = files.subset(keep(len(files)))
+    return files.classes, len(files), files.full_size()
+
+
 def _test_split(run: str | Path, saved: dict, data: str, given: bool) -> str:
     """ "test", or "all" for data given with one split only."""
-    if not given or available_splits(data) != ["train"]:
+    shards = stream_kind(data) == "tar shards"
+    if not given or (stream_splits(data) if shards else available_splits(data)) != ["train"]:
         return "test"
     # The run's own training images are no test set.
-    dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
-    fingerprint = saved.get("data_sha256")
-    if dataset.source == saved.get("data_source") or (
-        fingerprint and dataset.fingerprint() == fingerprint
-    ):
+    if shards:
+        own = open_image_files(data, "train").source == saved.get("data_source")
+    else:
+        dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
+        fingerprint = saved.get("data_sha256")
+        own = dataset.source == saved.get("data_source") or (
+            fingerprint and dataset.fingerprint() == fingerprint
+        )
+    if own:
         raise ValueError(
             f"{data}: the data {run} was trained on, with no test split; give held-out "
             "images, or --split val for a run trained with --val-split"

@@ -1,4 +1,6 @@
+import io
 import re
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -118,6 +120,32 @@ def cifar_jpeg_folder(root: Path, per_class: int, classes: tuple[str, ...] | Non
             for jpeg in sorted(by_class[name])[:per_class]:
                 (root / name / Path(jpeg).name).write_bytes(archive.read(jpeg))
     return root
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> Path:
+    """A WebDataset shard: key.jpg and key.cls for each (key, jpeg bytes, cls bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, jpeg, cls in samples:
+            for name, data in ((f"{key}.jpg", jpeg), (f"{key}.cls", cls)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sharded(folder: Path, out: Path, per_shard: int = 10, split: str = "train") -> list[Path]:
+    """The photo folder's SPLIT/ photos as WebDataset shards, class number in key.cls."""
+    samples = [
+        (f"{p.parent.name}_{p.stem}", p.read_bytes(), str(["ants", "bees"].index(p.parent.name)))
+        for p in sorted((folder / split).rglob("*.jpg"))
+    ]
+    return [
+        write_shard(out / f"{split}-{i:06d}.tar", [(k, j, c.encode()) for k, j, c in chunk])
+        for i, chunk in enumerate(
+            samples[start : start + per_shard] for start in range(0, len(samples), per_shard)
+        )
+    ]
 
 
 def patch_zip_headers(path: Path, method: int | None = None, flags: int | None = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import patch_zip_headers, write_photos
+from conftest import patch_zip_headers, sharded, write_photos, write_shard
 from PIL import Image
 
 from deepres.data import DataError
@@ -38,32 +38,6 @@ def zipped(folder: Path, archive: Path) -> Path:
         for path in sorted(folder.rglob("*.jpg")):
             out.write(path, f"wrapper/{path.relative_to(folder)}")
     return archive
-
-
-def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> Path:
-    """A WebDataset shard: key.jpg and key.cls for each (key, jpeg bytes, cls bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, jpeg, cls in samples:
-            for name, data in ((f"{key}.jpg", jpeg), (f"{key}.cls", cls)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def sharded(folder: Path, out: Path, per_shard: int = 10) -> list[Path]:
-    """The folder's train/ photos as WebDataset shards, class number in key.cls."""
-    samples = [
-        (f"{p.parent.name}_{p.stem}", p.read_bytes(), str(["ants", "bees"].index(p.parent.name)))
-        for p in sorted((folder / "train").rglob("*.jpg"))
-    ]
-    return [
-        write_shard(out / f"train-{i:06d}.tar", [(k, j, c.encode()) for k, j, c in chunk])
-        for i, chunk in enumerate(
-            samples[start : start + per_shard] for start in range(0, len(samples), per_shard)
-        )
-    ]
 
 
 def contents(files) -> list[tuple[bytes, int]]:

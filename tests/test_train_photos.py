@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import sharded, tiny_config
 from PIL import Image
 
 import deepres
@@ -53,7 +53,24 @@ def test_eval_of_a_streamed_run_defaults_to_its_centre_view(photo_folder, tmp_pa
     result = evaluate_run(tmp_path / "run")
     assert result["protocol"] == "center" and result["n"] == 6
     assert result["top1_error"] == pytest.approx(summary["test_error"])
-    assert evaluate_run(tmp_path / "run", protocol="center")["top1_error"] == result["top1_error"]
+    tenfold = evaluate_run(tmp_path / "run", protocol="10crop")
+    assert tenfold["protocol"] == "10crop" and tenfold["n"] == 6
+
+
+def test_a_run_trained_on_tar_shards_is_evaluated_on_their_images(photo_folder, tmp_path):
+    shards = tmp_path / "shards"
+    sharded(photo_folder, shards / "train")
+    sharded(photo_folder, shards / "val", split="val")
+    summary = train(photo_config(shards, tmp_path / "run"), progress=False)
+    assert summary["eval_split"] == "test"
+    result = evaluate_run(tmp_path / "run")
+    assert result["protocol"] == "center" and result["n"] == 6
+    assert result["top1_error"] == pytest.approx(summary["test_error"])
+    # Shards of one split given as --data are evaluated whole, but not the run's own.
+    tenfold = evaluate_run(tmp_path / "run", data=str(shards / "val"), protocol="10crop")
+    assert tenfold["split"] == "all" and tenfold["n"] == 6
+    with pytest.raises(ValueError, match="the data .* was trained on"):
+        evaluate_run(tmp_path / "run", data=str(shards / "train"))
 
 
 def test_a_streamed_run_predicts_on_the_centre_view_it_is_tested_on(photo_folder, tmp_path):

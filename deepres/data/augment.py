@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +130,19 @@ def resized_crop(image: Image.Image, box: Box, crop: int, draft: bool = True) ->
     return image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
 
 
-def open_image(data: bytes, where: str) -> Image.Image:
-    """An encoded image opened (header read, pixels not yet decoded), or a DataError naming it."""
+@contextmanager
+def decoding(where: str) -> Iterator[None]:
+    """Pillow's errors while reading an image turned into a DataError naming it."""
     try:
-        return Image.open(io.BytesIO(data))
+        yield
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{where}: cannot decode image ({error})") from error
+
+
+def open_image(data: bytes, where: str) -> Image.Image:
+    """An encoded image opened (header read, pixels not yet decoded), or a DataError naming it."""
+    with decoding(where):
+        return Image.open(io.BytesIO(data))
 
 
 def view(data: bytes, where: str, augment: Augment, rng: np.random.Generator | None) -> np.ndarray:
@@ -148,10 +157,8 @@ def view(data: bytes, where: str, augment: Augment, rng: np.random.Generator | N
         box = draw(width, height, rng, augment)
         flip = rng.random() < 0.5
     # Pillow decodes lazily: a truncated or corrupt file fails here, not at open.
-    try:
+    with decoding(where):
         out = resized_crop(image, box, augment.crop, augment.draft)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{where}: cannot decode image ({error})") from error
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)

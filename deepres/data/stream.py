@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deepres.data.augment import Augment, Lighting, colour_statistics, view
+from deepres.data.augment import Augment, Lighting, colour_statistics, decoding, open_image, view
 from deepres.data.loader import SPLIT_SEED, Preprocess, split_train_val
 from deepres.data.readers import list_image_folder, read_zip_member, tar_members
 from deepres.data.safe_pickle import DataError
@@ -141,6 +141,15 @@ class ImageFiles:
         """The encoded bytes of one image and where it is, for messages."""
         entry = self.entries[index]
         return self.members.read(entry), self.members.where(entry)
+
+    def full_size(self) -> Iterator[tuple[np.ndarray, int]]:
+        """(uint8 [H, W, 3] image as stored, label) of each image in order, decoded one by one."""
+        for index, label in enumerate(self.labels):
+            data, where = self.read(index)
+            image = open_image(data, where)
+            with decoding(where):  # Pillow decodes lazily, here and not at open
+                array = np.asarray(image.convert("RGB"))
+            yield array, label
 
     def subset(self, index: torch.Tensor) -> ImageFiles:
         """The images at these positions, in this order."""
