@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
+from deepres.models.registry import check_options
+
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 PREPROCESS = "preprocess.safetensors"
@@ -121,6 +123,9 @@ _CONFIG_KEYS = {
     "recipe": dict,
 }
 
+# What readers take from its "config" (the run's TrainConfig).
+_RUN_KEYS = {"data": str, "image_size": (int, type(None)), "val_split": int}
+
 
 def read_config(run: Path) -> dict:
     """A run's config.json, checked to be a deepres run's, with an error that names it."""
@@ -134,8 +139,21 @@ def read_config(run: Path) -> dict:
         ),
         None,
     )
+    if wrong is None:
+        wrong = next(
+            (
+                k
+                for k, kind in _RUN_KEYS.items()
+                if k not in saved["config"] or not isinstance(saved["config"][k], kind)
+            ),
+            None,
+        )
     if wrong is not None:
         raise ValueError(f"{path}: not the config of a deepres run ({wrong!r} missing or damaged)")
+    try:
+        check_options(saved["model"], saved["model_options"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     outputs = saved["model_options"].get("num_classes", len(saved["classes"]))
     if outputs != len(saved["classes"]):
         raise ValueError(f"{path}: names {len(saved['classes'])} classes for a net of {outputs}")

@@ -311,11 +311,18 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path, capsys):
     damaged = json.loads(good)
     damaged["config"]["iters"] = "lots"
     fewer = {**json.loads(good), "classes": ["blue", "green"]}
+    bogus = json.loads(good)
+    bogus["model_options"]["bogus"] = 1
+    sizeless = json.loads(good)
+    del sizeless["config"]["image_size"]
     for text, why in (
         ("{}", "'model' missing or damaged"),
         ("[]", "'model' missing"),
         (json.dumps(damaged), "its settings are damaged"),
         (json.dumps(fewer), "names 2 classes for a net of 3"),
+        (json.dumps(bogus), "resnet20 takes no option 'bogus'"),
+        (json.dumps({**json.loads(good), "model": "resnet7"}), "unknown model 'resnet7'"),
+        (json.dumps(sizeless), "'image_size' missing or damaged"),
     ):
         config.write_text(text)
         for args in (

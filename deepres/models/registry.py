@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -33,6 +34,15 @@ def create_model(name: str, **options) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     return MODELS[name](**options)
+
+
+def check_options(name: str, options: dict) -> None:
+    """A ValueError unless name is a registered net and its builder takes these options."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    unknown = sorted(set(options) - set(inspect.signature(MODELS[name]).parameters))
+    if unknown:
+        raise ValueError(f"{name} takes no option {', '.join(map(repr, unknown))}")
 
 
 def model_family(name: str) -> str:
