@@ -226,16 +226,24 @@ def _copy_files(
 
 def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
     """Have write fill a folder beside dest, then put it in dest's place whole."""
-    # A failure part way leaves dest as it was, never half old and half new.
+    # A failed write leaves dest as it was, never half old and half new; the old folder is
+    # deleted only once the new one is in place (a crash between the two renames leaves it
+    # beside dest, in .NAME.old.*, not gone).
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = None
     try:
         write(staged)
         if dest.exists():
-            shutil.rmtree(dest)
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            dest.rename(old / dest.name)
         staged.rename(dest)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        if old is not None:
+            if not dest.exists():  # the new folder did not go in: the old one goes back
+                (old / dest.name).rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def restore(record: Path, out: Path, name: str | None = None, root: Path | None = None) -> str:

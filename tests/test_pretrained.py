@@ -16,7 +16,7 @@ from deepres.cli import main
 from deepres.data import DataError
 from deepres.evaluate import evaluate_run
 from deepres.models import count_params
-from deepres.pretrained import manifest, publish, resolve_run, sha256
+from deepres.pretrained import _swap_in, manifest, publish, resolve_run, sha256
 from deepres.train import train
 
 
@@ -371,3 +371,34 @@ def test_a_net_stored_in_bf16_is_restored_with_its_bf16_weights(finished_run, tm
     original, _ = load_tensors(finished_run / WEIGHTS)
     assert weights["fc.weight"].dtype == torch.bfloat16
     assert torch.equal(weights["fc.weight"], original["fc.weight"].bfloat16())
+
+
+def test_a_folder_is_swapped_in_whole_or_left_as_it_was(tmp_path, monkeypatch):
+    dest = tmp_path / "net"
+
+    def write(text):
+        return lambda folder: (folder / "a.txt").write_text(text)
+
+    _swap_in(dest, write("old"))
+    _swap_in(dest, write("new"))
+    assert (dest / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["net"]
+
+    def broken(folder):
+        (folder / "a.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _swap_in(dest, broken)
+    assert (dest / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["net"]
+    # The new folder fails to go in after the old one has moved aside: the old one comes back.
+    rename = type(dest).rename
+
+    def refuse_staged(self, target):
+        if self.name.startswith(".net.") and ".old." not in self.name and target == dest:
+            raise OSError("rename refused")
+        return rename(self, target)
+
+    monkeypatch.setattr(type(dest), "rename", refuse_staged)
+    with pytest.raises(OSError, match="rename refused"):
+        _swap_in(dest, write("newer"))
+    assert (dest / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["net"]
