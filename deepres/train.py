@@ -61,7 +61,7 @@ from deepres.data.stream import (
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
 from deepres.inference import parse_device
-from deepres.models import create_model, model_family
+from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty
 from deepres.recipes import Recipe, default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
@@ -306,7 +306,7 @@ class _Session:
     replica: torch.nn.Module
     optimizer: torch.optim.Optimizer
     preprocess: Preprocess
-    stream: BatchStream
+    stream: BatchStream | PhotoStream
     amp: torch.autocast
     eval_split: str | None
     eval_images: torch.Tensor | None
@@ -382,6 +382,15 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     if config.init and not resume:
         # Fine-tuning: every weight but the fc; a resumed run has them all in its checkpoint.
         load_backbone(model, config.init)
+        bottlenecks = any(isinstance(m, Bottleneck) for m in model.modules())
+        if bottlenecks and not config.stride_in and Path(config.init).suffix in (".pth", ".pt"):
+            # Their shapes fit a v1 net's, so nothing else would tell.
+            warnings.warn(
+                f"--init {config.init}: torchvision's ResNet-50/101/152 weights are v1.5 (the "
+                "stride in the 3x3 conv) and load into this v1 net without an error; for those, "
+                "pass --stride-in 3x3 (--stride-in 1x1 keeps v1 and this warning away)",
+                stacklevel=2,
+            )
     if config.freeze_backbone:
         freeze_backbone(model)
     model = model.to(device)

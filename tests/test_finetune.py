@@ -239,3 +239,11 @@ def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "resnet20 is a CIFAR net" in err[0]
     assert not (tmp_path / "x").exists()
+    # A .pth (torchvision's format) into a v1 bottleneck net: a warning, as nothing else tells.
+    pth = weights_files(tmp_path, create_model("resnet50", width=4, stride_in_1x1=False))["pth"]
+    v1 = [*base, "--model", "resnet50", "--width", "4", "--init", pth]
+    assert main([*v1, "--out", str(tmp_path / "v1")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and pth in err[0]
+    assert main([*v1, "--stride-in", "3x3", "--out", str(tmp_path / "v15-init")]) == 0
+    assert capsys.readouterr().err.strip() == ""
