@@ -485,7 +485,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--shortcut",
         choices=["A", "B", "C"],
         help="Sec. 3.3: A zero-padding (CIFAR default), B projections where the shape changes "
-        "(ImageNet default), C projections everywhere (Sec. 4.1, Table 3)",
+        "(ImageNet default, as torchvision's; Table 2 compares plain and residual nets with "
+        "A), C projections everywhere (Sec. 4.1, Table 3)",
     )
     p.add_argument(
         "--stride-in",
