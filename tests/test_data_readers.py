@@ -223,6 +223,34 @@ def test_restricted_loads_reads_arrays_and_plain_data():
         restricted_loads(sized, "s.pkl")
 
 
+class _Unfilled:
+    """Pickles as numpy.ndarray(shape, dtype): an array of any size, with no data in the file."""
+
+    def __init__(self, shape: tuple, dtype: str) -> None:
+        self.args = (shape, dtype)
+
+    def __reduce__(self):
+        return (np.ndarray, self.args)
+
+
+class _Rebuilt(_Unfilled):
+    def __reduce__(self):
+        return (np.ndarray(0).__reduce__()[0], (np.ndarray, *self.args))
+
+
+def test_restricted_loads_makes_no_array_larger_than_its_data():
+    # A file of a hundred bytes asking for 6 GB of pixels, two ways; neither array is made.
+    for kind in (_Unfilled, _Rebuilt):
+        bomb = pickle.dumps({b"data": kind((2_000_000, 3072), "u1"), b"labels": []}, 2)
+        assert len(bomb) < 200
+        with pytest.raises(DataError, match="b.pkl: not a readable pickle"):
+            restricted_loads(bomb, "b.pkl")
+    # An array whose data is shorter than its shape claims is refused by numpy itself.
+    short = pickle.dumps(np.zeros(8, np.uint8), 2).replace(b"K\x08\x85", b"J\x00\x00\x00\x40\x85")
+    with pytest.raises(DataError, match="s.pkl: not a readable pickle"):
+        restricted_loads(short, "s.pkl")
+
+
 def test_restricted_loads_malformed():
     with pytest.raises(DataError, match="x.pkl: not a readable pickle"):
         restricted_loads(b"\x80\x02}U\x04da", "x.pkl")

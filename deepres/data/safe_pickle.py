@@ -26,15 +26,28 @@ def _empty_bytes() -> bytes:
     return b""
 
 
+class _ArrayClass:
+    """What numpy.ndarray names in a pickle: not the class, which would make any shape on call."""
+
+
+def _reconstruct(cls: object, shape: tuple, typecode: object) -> np.ndarray:
+    # numpy's own pickles rebuild an array as an empty one, then fill it from its pickled state,
+    # whose bytes must match the shape it declares: so a file cannot ask for more memory than
+    # it holds. Any other call (ndarray((10**9, 3072)) with no data) is refused.
+    if cls is not _ArrayClass or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise pickle.UnpicklingError("an array may be rebuilt only from its own pickled data")
+    return _RECONSTRUCT(np.ndarray, (0,), b"b")
+
+
 # Every global a CIFAR pickle may name: a module.name outside this table is never imported.
 # _codecs.encode is how protocol-2 pickles written by Python 3 spell a bytes object, and
 # __builtin__.bytes() how they spell an empty one (the buffer of an empty array).
 _ALLOWED = {
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _ArrayClass,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,
 }
