@@ -12,7 +12,7 @@ from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
 from deepres.report import final_training, read_metrics
-from deepres.train import load_config, train
+from deepres.train import TrainConfig, load_config, train
 
 
 def smoke(tiny_folder, tmp_path, experiment, models):
@@ -92,6 +92,32 @@ def test_shortcuts_smoke(tiny_folder, tmp_path):
         > result["runs"]["resnet20-B"]["params"]
         > (result["runs"]["resnet20"]["params"])
     )
+
+
+def test_shortcuts_label_each_run_with_the_option_its_net_has(monkeypatch):
+    # An ImageNet net defaults to option B: its option-A run must ask for A.
+    class FakeContext:
+        def config(self, name, model, shortcut=None):
+            return replace(TrainConfig(model=model, data="d", out=name), shortcut=shortcut)
+
+    monkeypatch.setattr(shortcuts, "ensure_run", lambda ctx, config: config)
+
+    def result(config):
+        net = create_model(
+            config.model, **({"shortcut": config.shortcut} if config.shortcut else {})
+        )
+        return {"train_error": 1.0, "test_error": 1.0, "net": net}
+
+    monkeypatch.setattr(shortcuts, "run_result", result)
+    for model in ("resnet20", "resnet18"):
+        runs = shortcuts.run(FakeContext(), [model])["runs"]
+        assert sorted(r["shortcut"] for r in runs.values()) == ["A", "B", "C"]
+        for name, r in runs.items():
+            projections = sum(p.dim() == 4 and p.shape[-1] == 1 for p in r["net"].parameters())
+            # A: no projection; B: one per stage that changes shape; C: one per block.
+            expected = {"A": 0, "B": {"resnet20": 2, "resnet18": 3}[model]}
+            expected["C"] = {"resnet20": 9, "resnet18": 8}[model]
+            assert projections == expected[r["shortcut"]], (name, r["shortcut"])
 
 
 def test_shortcuts_without_held_out_images_judge_training_errors(tiny_folder, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.models import model_family
 from deepres.paper import TABLE3_RESNET34_TOP1
 
 
@@ -18,16 +19,27 @@ def run(ctx: Context, models: list[str]) -> dict:
         raise ValueError(f"{plain[0]}: a plain net has no shortcuts to compare")
     runs = {}
     for model in models:
-        for option in "ABC":
-            # Option A is each CIFAR net's default, so its run is shared with other experiments.
-            name = model if option == "A" else f"{model}-{option}"
-            config = ctx.config(name, model, shortcut=None if option == "A" else option)
+        default = _default_option(model)
+        for option, name in _names(model).items():
+            # The net's default option (A for a CIFAR net, B for an ImageNet one) is its
+            # ordinary run, shared with other experiments.
+            config = ctx.config(name, model, shortcut=None if option == default else option)
             runs[name] = {**run_result(ensure_run(ctx, config)), "shortcut": option}
     return {
         "runs": runs,
         "claims": claims(runs, models),
         "paper_resnet34_top1": TABLE3_RESNET34_TOP1,
     }
+
+
+def _default_option(model: str) -> str:
+    return "A" if model_family(model) == "cifar" else "B"
+
+
+def _names(model: str) -> dict[str, str]:
+    """The run of each option: the net's own name for its default option, else NET-OPTION."""
+    default = _default_option(model)
+    return {option: model if option == default else f"{model}-{option}" for option in "ABC"}
 
 
 def claims(runs: dict, models: list[str]) -> list[dict]:
@@ -37,7 +49,7 @@ def claims(runs: dict, models: list[str]) -> list[dict]:
     key, kind = ("test_error", "held-out error") if held_out else ("train_error", "training error")
     out = []
     for model in models:
-        a, b, c = (runs[n][key] for n in (model, f"{model}-B", f"{model}-C"))
+        a, b, c = (runs[name][key] for name in _names(model).values())
         out.append(
             verdict(
                 f"{model}: projection shortcuts (B) beat zero-padding (A) slightly ({kind})",
