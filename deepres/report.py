@@ -20,6 +20,7 @@ from deepres.checkpoint import (  # noqa: E402
     read_config,
     read_json,
     write_json,
+    write_text,
 )
 from deepres.paper import JPEG_CIFAR10_ERROR, TABLE6_ERROR  # noqa: E402
 
@@ -288,8 +289,10 @@ def _figures(result: dict, out: Path) -> list[str]:
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path.name
 
 
@@ -413,5 +416,5 @@ def write_report(result: dict, out: Path) -> Path:
             "",
         ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

@@ -1,9 +1,11 @@
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_folder
+from matplotlib.figure import Figure
 
 from deepres import train as train_module
 from deepres.cli import main
@@ -11,7 +13,7 @@ from deepres.experiments import degradation, reproduce, responses, shortcuts, ta
 from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
-from deepres.report import final_training, read_metrics
+from deepres.report import final_training, read_metrics, write_report
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -92,6 +94,30 @@ def test_shortcuts_smoke(tiny_folder, tmp_path):
         > result["runs"]["resnet20-B"]["params"]
         > (result["runs"]["resnet20"]["params"])
     )
+
+
+def test_a_report_write_that_fails_leaves_the_old_report(tiny_folder, tmp_path, monkeypatch):
+    result = smoke(tiny_folder, tmp_path, "shortcuts", ["resnet20"])
+    out = tmp_path / "shortcuts"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_text = Path.write_text
+
+    def half_text(self, text, *args, **kwargs):
+        if not text.startswith("# "):  # report.md only
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    def half_figure(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    for patch in ((Path, "write_text", half_text), (Figure, "savefig", half_figure)):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            with pytest.raises(OSError, match="No space left"):
+                write_report(result, out)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_shortcuts_label_each_run_with_the_option_its_net_has(monkeypatch):
