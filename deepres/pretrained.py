@@ -172,7 +172,6 @@ def publish(
         shutil.copyfile(run / PREPROCESS, folder / PREPROCESS)
         save_tensors(folder / WEIGHTS, weights, {"iteration": metrics[-1]["iteration"]})
 
-    _swap_in(out, write)
     train_error, train_loss = final_training(metrics)
     entry = {
         "name": name,
@@ -190,13 +189,17 @@ def publish(
         "command": command,
         "git_commit": saved.get("git_commit"),
         "torch": saved.get("torch"),
-        "sha256": sha256(out / WEIGHTS),
-        "bytes": (out / WEIGHTS).stat().st_size,
     }
-    path = root / MANIFEST
-    nets = manifest(root)
-    nets[name] = entry
-    write_json(path, {"nets": dict(sorted(nets.items()))})
+
+    def record_in_manifest() -> None:
+        entry.update(sha256=sha256(out / WEIGHTS), bytes=(out / WEIGHTS).stat().st_size)
+        nets = manifest(root)
+        nets[name] = entry
+        write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
+
+    # The manifest is written while the net it replaces is still kept: if that write fails,
+    # the old net comes back, which the manifest still describes.
+    _swap_in(out, write, then=record_in_manifest)
     return entry
 
 
@@ -204,6 +207,8 @@ def _check_record_folder(record: Path, run: Path) -> None:
     """A record folder is replaced whole: never the run itself, nor a folder of other files."""
     if record.resolve() == run.resolve() or run.resolve() in record.resolve().parents:
         raise ValueError(f"{record}: inside the run {run}; a record goes elsewhere")
+    if record.exists() and not record.is_dir():
+        raise ValueError(f"{record}: not a folder; a record is a folder of its own")
     if record.is_dir():
         others = sorted(p.name for p in record.iterdir() if p.name not in RECORD)
         if others:
@@ -224,8 +229,13 @@ def _copy_files(
     _swap_in(dest, write)
 
 
-def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
-    """Have write fill a folder beside dest, then put it in dest's place whole."""
+def _swap_in(
+    dest: Path, write: Callable[[Path], None], then: Callable[[], None] | None = None
+) -> None:
+    """Have write fill a folder beside dest, then put it in dest's place whole.
+
+    then runs once the new folder is in place; if it fails, the old folder comes back.
+    """
     # A failed write leaves dest as it was, never half old and half new; the old folder is
     # deleted only once the new one is in place (a crash between the two renames leaves it
     # beside dest, in .NAME.old.*, not gone).
@@ -238,10 +248,16 @@ def _swap_in(dest: Path, write: Callable[[Path], None]) -> None:
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
             dest.rename(old / dest.name)
         staged.rename(dest)
+        if then is not None:
+            try:
+                then()
+            except BaseException:
+                shutil.rmtree(dest)
+                raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         if old is not None:
-            if not dest.exists():  # the new folder did not go in: the old one goes back
+            if not dest.exists():  # the new folder did not go in, or came out: the old goes back
                 (old / dest.name).rename(dest)
             shutil.rmtree(old, ignore_errors=True)
 

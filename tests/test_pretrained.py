@@ -11,6 +11,7 @@ from conftest import cifar_jpeg_folder, tiny_config
 from PIL import Image
 
 import deepres
+from deepres import pretrained
 from deepres.checkpoint import CHECKPOINT, SUMMARY, WEIGHTS, load_tensors, save_tensors
 from deepres.cli import main
 from deepres.data import DataError
@@ -121,6 +122,27 @@ def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp
     after = {p.name: p.read_bytes() for p in (shipped / "tiny-colours").iterdir()}
     assert after == before and manifest(shipped) == {"tiny-colours": entry}
     assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "tiny-colours"]
+
+
+def test_a_publish_whose_manifest_write_fails_keeps_the_old_net(finished_run, shipped, monkeypatch):
+    entry = publish(finished_run, "tiny", "cmd", root=shipped)
+    before = {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir()}
+    listed = (shipped / "manifest.json").read_bytes()
+
+    write_json = pretrained.write_json
+
+    def full_disk(path, data):
+        if path.name != "manifest.json":  # the new net's files are written
+            return write_json(path, data)
+        raise OSError(28, f"{path}: No space left on device")
+
+    monkeypatch.setattr(pretrained, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        publish(finished_run, "tiny", "cmd", root=shipped, bf16=True)  # new weights
+    after = {p.name: p.read_bytes() for p in (shipped / "tiny").iterdir()}
+    assert after == before and (shipped / "manifest.json").read_bytes() == listed
+    assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "tiny"]
+    assert deepres.load(shipped / "tiny") and manifest(shipped)["tiny"] == entry
 
 
 def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):
@@ -354,6 +376,10 @@ def test_publish_once_ships_each_run_once_and_keeps_its_record(finished_run, tmp
     with pytest.raises(ValueError, match="inside the run"):
         publish(finished_run, "x", "c", root=shipped, record=finished_run)
     assert (finished_run / WEIGHTS).is_file()
+    (records / "file").write_text("mine")
+    with pytest.raises(ValueError, match="file: not a folder"):
+        publish(finished_run, "x", "c", root=shipped, record=records / "file")
+    assert (records / "file").read_text() == "mine" and "x" not in manifest(shipped)
     # Weights that are not the manifest's are not restored.
     (shipped / "tiny" / WEIGHTS).write_bytes(b"tampered")
     with pytest.raises(ValueError, match="sha256 differs"):
