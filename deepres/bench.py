@@ -28,7 +28,7 @@ from deepres.data import open_dataset
 from deepres.data.augment import Augment, Lighting
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.stream import ImageFiles, PhotoStream, open_image_files
-from deepres.inference import fold_batchnorm
+from deepres.inference import fold_batchnorm, parse_device
 from deepres.models import create_model, model_family
 from deepres.provenance import machine
 from deepres.report import read_metrics
@@ -57,9 +57,13 @@ class TrainBench:
     precision: str = "fp32"
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+def _check(device: str, **counts: int | None) -> None:
+    """A one-line ValueError for a device deepres cannot use or a count below 1 (or 0, workers)."""
+    parse_device(device)
+    for flag, value in counts.items():
+        least = 0 if flag == "workers" else 1
+        if value is not None and value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
 
 
 def _steady(rates: list[float]) -> float:
@@ -127,7 +131,15 @@ def run_train_benchmark(config: TrainBench, command: str = "") -> dict:
         raise ValueError(
             f"--windows must be at least 2 (the first is warm-up), got {config.windows}"
         )
-    _check_device(config.device)
+    _check(
+        config.device,
+        iters=config.iters,
+        batch_size=config.batch_size,
+        width=config.width,
+        workers=config.workers,
+    )
+    if config.epochs is not None and config.epochs <= 0:
+        raise ValueError(f"--epochs must be more than 0, got {config.epochs}")
     context = environment(config.device, command)
     # Decoded (and cached) before the clock starts, as the reference's unzip is set-up too.
     n_images = len(open_dataset(config.data, "train").labels)
@@ -210,7 +222,7 @@ def run_infer_benchmark(
     command: str = "",
 ) -> dict:
     """Forward passes of deepres's net and the reference's at each batch size; rates and ratios."""
-    _check_device(device)
+    _check(device, iters=iters, image_size=image_size)
     context = environment(device, command)
     ours = {b: bench_infer(model, b, iters, device, image_size) for b in batch_sizes}
     theirs = _reference(
@@ -323,7 +335,14 @@ def run_data_benchmark(config: DataBench, command: str = "") -> dict:
         raise ValueError(
             f"bench data times an ImageNet net's training (resnet18 ...), not {config.model}"
         )
-    _check_device(config.device)
+    _check(
+        config.device,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        crop_size=config.crop,
+        train_steps=config.train_steps,
+        train_batch_size=config.train_batch_size,
+    )
     context = environment(config.device, command)
     files = open_image_files(config.data, "train")
     if Path(config.data).is_file():

@@ -131,6 +131,24 @@ def test_bench_train_refuses_nets_the_reference_lacks(tiny_folder, capsys):
     assert "CIFAR ResNets" in capsys.readouterr().err
 
 
+def test_bench_settings_that_cannot_run_are_one_line_errors(tiny_folder, photo_folder, capsys):
+    train = ["bench", "train", "--data", str(tiny_folder)]
+    data = ["bench", "data", "--data", str(photo_folder)]
+    for argv, why in (
+        (["bench", "infer", "--device", "foo"], "--device foo: not a device"),
+        (["bench", "infer", "--iters", "0"], "--iters must be at least 1, got 0"),
+        (["bench", "infer", "--image-size", "0"], "--image-size must be at least 1, got 0"),
+        ([*train, "--epochs", "1", "--batch-size", "0"], "--batch-size must be at least 1"),
+        ([*train, "--epochs", "0"], "--epochs must be more than 0"),
+        ([*train, "--workers", "-1"], "--workers must be at least 0, got -1"),
+        ([*data, "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
+        ([*data, "--crop-size", "0"], "--crop-size must be at least 1, got 0"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], (argv, err)
+
+
 def test_bench_data_cli_times_both_loaders_and_a_training_step(photo_folder, tmp_path, capsys):
     argv = ["bench", "data", "--data", str(photo_folder), "--batches", "4", "--windows", "2"]
     argv += ["--batch-size", "4", "--workers", "1", "--crop-size", "32", "--train-steps", "1"]
