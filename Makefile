@@ -153,7 +153,7 @@ photos: setup
 	  else rm -rf $$run; $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
 	    --checkpoint-every 50 --out $$run --quiet || exit 1; fi; \
 	  mkdir -p docs/results/photos-scratch/$$m; \
-	  cp $$run/config.json $$run/summary.json $$run/metrics.jsonl $$run/curves.png docs/results/photos-scratch/$$m/; \
+	  cp $$run/config.json $$run/summary.json $$run/metrics.jsonl $$run/curves.png docs/results/photos-scratch/$$m/ || exit 1; \
 	  for p in center 10crop multiscale; do \
 	    $(VENV)/bin/deepres eval $$run --protocol $$p --json > docs/results/photos-scratch/$$m/eval-$$p.json || exit 1; \
 	  done; \
@@ -170,9 +170,11 @@ transfer: setup
 	  run=runs/transfer-32px/$$v-seed$$s; \
 	  case $$v in scratch) opts="";; finetune) opts="--init resnet20-cifar10 --lr 0.01";; \
 	    fc) opts="--init resnet20-cifar10 --freeze-backbone";; esac; \
-	  test -f $$run/summary.json || { rm -rf $$run; $(VENV)/bin/deepres train --model resnet20 \
+	  if [ -f $$run/summary.json ]; then :; \
+	  elif [ -f $$run/checkpoint.safetensors ]; then $(VENV)/bin/deepres train --resume $$run --quiet > /dev/null || exit 1; \
+	  else rm -rf $$run; $(VENV)/bin/deepres train --model resnet20 \
 	    --data $(PHOTOS) --image-size 32 --epochs $(PHOTO_EPOCHS) --batch-size 32 --seed $$s $$opts \
-	    --out $$run --quiet > /dev/null || exit 1; }; \
-	  mkdir -p $(TRANSFER_OUT)/$$v-seed$$s; cp $$run/config.json $$run/summary.json $(TRANSFER_OUT)/$$v-seed$$s/; \
+	    --out $$run --quiet > /dev/null || exit 1; fi; \
+	  mkdir -p $(TRANSFER_OUT)/$$v-seed$$s; cp $$run/config.json $$run/summary.json $(TRANSFER_OUT)/$$v-seed$$s/ || exit 1; \
 	  echo "$$v seed $$s: $$(grep -o '"test_error": [0-9.]*' $$run/summary.json)"; \
 	done; done
