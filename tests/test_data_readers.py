@@ -498,6 +498,23 @@ def test_image_folder_refuses_a_broken_link(tmp_path):
     assert len(readers.image_files(tmp_path)) == counted + 2  # the link and real.png
 
 
+def test_image_files_follow_linked_folders_as_training_does_and_never_loop(tmp_path):
+    _write_classes(tmp_path / "elsewhere")
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    trained = open_dataset(str(root / "linked")).labels
+    (root / "linked" / "cats" / "up").symlink_to(root)  # a cycle back to the root
+    (root / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".hidden" / "x.png")
+    found = readers.image_files(root)
+    assert len(found) == len(trained) > 0
+    # Nor does the training reader count the linked folder's images again through the cycle.
+    os.utime(tmp_path / "elsewhere")  # a new listing, not the cached decode
+    assert torch.equal(open_dataset(str(root / "linked")).labels, trained)
+    assert all(path.relative_to(root).parts[0] == "linked" for path in found)
+
+
 @pytest.mark.parametrize(
     ("method", "flags", "cause"),
     [

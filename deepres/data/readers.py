@@ -225,13 +225,22 @@ def available_splits(spec: str) -> list[str]:
 def image_files(folder: str | Path) -> list[Path]:
     """The image files in a folder and its subfolders, sorted; hidden files left out."""
     folder = Path(folder)
-    found = []
-    for path in folder.rglob("*"):
-        if _is_image(path.name) and _visible(path.relative_to(folder).as_posix()):
-            if path.is_file():
-                found.append(path)
-            elif _dangling(path):
-                _refuse_broken_link(path)
+    found, walked = [], set()
+    # Symbolic links to folders are followed, as the training reader follows them (Path.rglob
+    # does not), each real folder once, so that a link back up cannot loop.
+    for root, folders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in walked:
+            folders.clear()
+            continue
+        walked.add(os.path.realpath(root))
+        folders[:] = [name for name in folders if _visible(name)]
+        for name in files:
+            path = Path(root) / name
+            if _is_image(name) and _visible(name):
+                if path.is_file():
+                    found.append(path)
+                elif _dangling(path):
+                    _refuse_broken_link(path)
     found.sort()
     if not found:
         suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
@@ -306,9 +315,11 @@ class _Directory:
     def _listing(self) -> tuple[list[str], list[str]]:
         found: list[str] = []
         folders: list[str] = []
-        pending = [(self.path, "", _MAX_DEPTH)]
+        # Each folder with the real paths above it: a symbolic link back up is not followed,
+        # or its images would be counted again at every level.
+        pending = [(self.path, "", _MAX_DEPTH, {os.path.realpath(self.path)})]
         while pending:
-            folder, prefix, depth = pending.pop()
+            folder, prefix, depth, above = pending.pop()
             with os.scandir(folder) as entries:
                 for entry in entries:
                     if not _visible(entry.name):
@@ -316,8 +327,13 @@ class _Directory:
                     if _is_image(entry.name) and _dangling(entry.path):
                         _refuse_broken_link(Path(entry.path))
                     if entry.is_dir() and depth > 1:
+                        real = os.path.realpath(entry.path)
+                        if real in above:
+                            continue
                         folders.append(prefix + entry.name)
-                        pending.append((Path(entry.path), f"{prefix}{entry.name}/", depth - 1))
+                        pending.append(
+                            (Path(entry.path), f"{prefix}{entry.name}/", depth - 1, above | {real})
+                        )
                     elif entry.is_file():
                         found.append(prefix + entry.name)
         return sorted(found), sorted(folders)
