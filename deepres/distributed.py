@@ -15,12 +15,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
+def _environ(name: str, default: str | None = None) -> int:
+    """An integer torchrun sets, or a one-line error saying what is wrong with it."""
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}={value!r} in the environment: several processes are launched by torchrun,"
+            " which sets RANK, LOCAL_RANK and WORLD_SIZE as numbers"
+        ) from None
+
+
 def world() -> tuple[int, int]:
     """This process's rank and the number of processes; (0, 1) outside torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _environ("WORLD_SIZE", "1")
     if world_size < 2:
         return 0, 1
-    return int(os.environ["RANK"]), world_size
+    return _environ("RANK"), world_size
 
 
 def setup(device: torch.device) -> torch.device:
@@ -28,10 +40,10 @@ def setup(device: torch.device) -> torch.device:
     if world()[1] == 1:
         return device
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE is set, but this PyTorch build has no torch.distributed")
+        raise ValueError("WORLD_SIZE is set, but this PyTorch build has no torch.distributed")
     if device.type == "cuda":
         # One GPU per process, the one torchrun numbered for this node.
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", _environ("LOCAL_RANK"))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:

@@ -10,6 +10,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 import deepres
+from deepres.cli import main
 from deepres.models import create_model
 from deepres.report import read_metrics
 from deepres.train import train
@@ -142,3 +143,22 @@ def test_ddp_averages_the_ranks_gradients_so_their_weights_stay_equal(tiny_folde
     assert any(not torch.equal(ddp[0][k], start[k]) for k in params)
     # Without DDP the two halves pull apart: so equality above is the averaging's doing.
     assert any(not torch.equal(alone[0][k], alone[1][k]) for k in params)
+
+
+@pytest.mark.parametrize(
+    ("environ", "why"),
+    [({"WORLD_SIZE": "2"}, "RANK=None"), ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'")],
+)
+def test_a_torchrun_environment_that_is_half_there_is_a_one_line_error(
+    tiny_folder, tmp_path, monkeypatch, capsys, environ, why
+):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = ["train", "--model", "resnet20", "--data", str(tiny_folder), "--iters", "1"]
+    args += ["--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0] and "torchrun" in err[0]
+    assert not (tmp_path / "r").exists()
