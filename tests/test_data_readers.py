@@ -561,6 +561,30 @@ def test_a_tar_cut_at_or_inside_a_header_is_truncated(tmp_path, gnu):
             open_dataset(str(short))
 
 
+def test_an_archive_member_larger_than_deepres_reads_is_named(tmp_path, monkeypatch):
+    _write_classes(tmp_path / "dir")
+    big = tmp_path / "dir" / "cats" / "a.png"
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted((tmp_path / "dir").rglob("*.*")):
+            zipped.write(path, path.relative_to(tmp_path / "dir").as_posix())
+    packed = _tar(tmp_path / "dir", tmp_path / "images.tar", gnu=False)
+    monkeypatch.setattr(readers, "MAX_MEMBER_BYTES", big.stat().st_size - 1)
+    for source, member in ((archive, "cats/a.png"), (packed, "cats/a.png")):
+        with pytest.raises(
+            DataError, match=f"{re.escape(str(source))}:{member}: .* bytes unpacked"
+        ):
+            open_dataset(str(source))
+
+
+def test_an_image_linked_inside_a_tar_is_named_not_left_out(tmp_path):
+    _write_classes(tmp_path / "dir")
+    (tmp_path / "dir" / "dogs" / "e.jpg").symlink_to("c.jpg")
+    packed = _tar(tmp_path / "dir", tmp_path / "images.tar", gnu=False)
+    with pytest.raises(DataError, match=r"images.tar:dogs/e.jpg: a link inside the tar"):
+        open_dataset(str(packed))
+
+
 def test_not_a_dataset(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     for spec in (tmp_path / "notes.txt", tmp_path, tmp_path / "absent"):

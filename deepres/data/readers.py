@@ -392,11 +392,26 @@ class _Archive:
         return sorted(named | {parent for name in self.names for parent in _parents(name)})
 
 
+# No member of an archive is read past this: a few kilobytes of deflate or gzip can declare and
+# unpack to gigabytes. The largest files deepres reads are CIFAR's batches (31 MB) and photos.
+MAX_MEMBER_BYTES = 1 << 30
+
+
+def _check_member_size(size: int, where: str) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise DataError(
+            f"{where}: {size:,} bytes unpacked, more than the {MAX_MEMBER_BYTES:,} deepres reads"
+            " from one member of an archive"
+        )
+
+
 def read_zip_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
     """The bytes of a zip member; a DataError naming it (as where) when they cannot be read."""
     info = archive.getinfo(name)
     if info.flag_bits & 0x1:
         raise DataError(f"{where}: the member is encrypted; re-zip it without a password")
+    # zipfile stops at the size the member declares, so the declared size bounds the memory.
+    _check_member_size(info.file_size, where)
     try:
         return archive.read(info)
     except NotImplementedError as error:
@@ -447,11 +462,20 @@ class _Tar(_Archive):
                         continue
                     if member.isdir() and wanted is None:
                         yield name + "/", b""
+                    if member.issym() or member.islnk():
+                        if _is_image(name):
+                            # Left out, the data set would be smaller than the archive shows.
+                            raise DataError(
+                                f"{self.where(name)}: a link inside the tar; deepres reads the"
+                                " files themselves (tar -h stores what links point to)"
+                            )
+                        continue
                     if not member.isfile():
                         continue
                     if wanted is None:
                         yield name, b""
                     elif name in wanted:
+                        _check_member_size(member.size, self.where(name))
                         yield name, archive.extractfile(member).read()
         except self._errors as error:
             raise self._corrupt(error) from error
