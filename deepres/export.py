@@ -63,6 +63,10 @@ def export_onnx(run: str | Path, path: str | Path) -> Path:
             f"ONNX export needs the onnx and onnxscript packages ({err}): "
             "pip install 'deepres[onnx]'"
         ) from None
+    except Exception as err:
+        # The exporter's own failures run to pages; the command prints one line.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{run}: ONNX export failed ({type(err).__name__}: {first})") from err
     finally:
         logger.setLevel(level)
     proto = program.model_proto

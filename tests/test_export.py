@@ -82,3 +82,18 @@ def test_onnx_export_of_a_streamed_photo_run_says_how_to_view_a_photo(photo_fold
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (probs,) = session.run(None, {"images": batch.numpy()})
     assert np.abs(probs - classifier(batch).numpy()).max() < 1e-4
+
+
+def test_an_exporter_failure_is_one_line_naming_the_run(tiny_folder, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=2), progress=False)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Failed to export the model\n\npages of graph dump\n...")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    why = "ONNX export failed (RuntimeError: Failed to export the model)"
+    assert err == [f"deepres export: error: {run}: {why}"]
+    assert not (tmp_path / "m.onnx").exists()
