@@ -158,7 +158,7 @@ def publish(
     saved["config"].pop("out", None)
     # (Runs from before data_path was recorded resolve the path as given, from here.)
     data_path = saved.pop("data_path", None) or absolute_data(saved["config"]["data"])
-    if data_path not in NAMED_DATA:
+    if data_path not in NAMED_DATA and "data_source" in saved:  # (older runs lack it)
         folder = str(Path(data_path).parent) + os.sep
         saved["data_source"] = saved["data_source"].replace(folder, "", 1)
     if saved.get("augment") is None:  # decoded whole, not streamed: cached, so quick again

@@ -145,6 +145,16 @@ def test_a_publish_whose_manifest_write_fails_keeps_the_old_net(finished_run, sh
     assert deepres.load(shipped / "tiny") and manifest(shipped)["tiny"] == entry
 
 
+def test_a_run_from_before_data_source_was_recorded_is_published(finished_run, tmp_path, shipped):
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["data_source"]
+    (old / "config.json").write_text(json.dumps(saved))
+    entry = publish(old, "old", "cmd", root=shipped)
+    assert entry["data"] == saved["config"]["data"] and deepres.load(shipped / "old")
+
+
 def test_an_unfinished_run_is_not_published(tiny_folder, tmp_path, shipped):
     out = tiny_run(tiny_folder, tmp_path / "half", stop_at=2)
     with pytest.raises(ValueError, match="only a finished run"):
