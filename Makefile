@@ -114,7 +114,10 @@ restore: setup
 # Lands what the campaign finished: each finished net published once, with its training record,
 # as NET-cifar10, then Table 6, Fig. 6 and Fig. 7 recomputed from all finished nets into
 # docs/results/*-full. A name another run holds (ResNet-20, shipped in fp32 before records were
-# kept) gets the run's precision: resnet20-cifar10-bf16.
+# kept) gets the run's precision: resnet20-cifar10-bf16. Each shipped net of the campaign is
+# then checked once as a file with `deepres eval --json` on the first 1,000 training images of
+# each class (training images: a check of the file, not a test error).
+EVAL10K ?= runs/cifar10-train-first10k
 land: restore
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
@@ -127,6 +130,14 @@ land: restore
 	for e in table6 degradation responses; do \
 	  $(VENV)/bin/deepres reproduce $$e --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
 	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
+	done; \
+	nets=$$($(PY) -c "import json; m = json.load(open('deepres/weights/manifest.json'))['nets']; \
+	  print(' '.join(n for n, e in m.items() if e['command'].startswith('make campaign')))") || exit 1; \
+	for n in $$nets; do \
+	  out=docs/results/table6-$(CAMPAIGN_BUDGET)/eval-$$n-train10k.json; test -f $$out && continue; \
+	  test -d $(EVAL10K)/train || unzip -q -o $(CIFAR10) 'train/*/0[0-9]*.jpg' -d $(EVAL10K) || exit 1; \
+	  $(VENV)/bin/deepres eval $$n --data $(EVAL10K)/train --json > $$out.tmp && mv $$out.tmp $$out || \
+	    { rm -f $$out.tmp; exit 1; }; \
 	done
 
 # Where the campaign stands, finished nets and unfinished alike, for the README: the status of
