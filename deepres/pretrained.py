@@ -236,30 +236,31 @@ def _swap_in(
 
     then runs once the new folder is in place; if it fails, the old folder comes back.
     """
-    # A failed write leaves dest as it was, never half old and half new; the old folder is
-    # deleted only once the new one is in place (a crash between the two renames leaves it
-    # beside dest, in .NAME.old.*, not gone).
+    # A failure anywhere leaves dest as it was, never half old and half new: the old folder is
+    # set aside, not deleted, until the new one is in and `then` has run. Where even putting it
+    # back fails, it stays beside dest in .NAME.old.*, never lost.
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = None
+    old, placed, committed = None, False, False
     try:
         write(staged)
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
             dest.rename(old / dest.name)
         staged.rename(dest)
+        placed = True
         if then is not None:
-            try:
-                then()
-            except BaseException:
-                shutil.rmtree(dest)
-                raise
+            then()
+        committed = True
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        if placed and not committed:
+            shutil.rmtree(dest, ignore_errors=True)
         if old is not None:
-            if not dest.exists():  # the new folder did not go in, or came out: the old goes back
+            if not committed and not dest.exists():
                 (old / dest.name).rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
+            if committed or not (old / dest.name).exists():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def restore(record: Path, out: Path, name: str | None = None, root: Path | None = None) -> str:

@@ -245,6 +245,10 @@ def test_restricted_loads_makes_no_array_larger_than_its_data():
         assert len(bomb) < 200
         with pytest.raises(DataError, match="b.pkl: not a readable pickle"):
             restricted_loads(bomb, "b.pkl")
+    # Nor an array of Python objects, which numpy makes at its declared shape before any data.
+    objects = pickle.dumps({b"data": np.array([1, "x", None], dtype=object)}, 2)
+    with pytest.raises(DataError, match="o.pkl: not a readable pickle .* Python objects"):
+        restricted_loads(objects, "o.pkl")
     # An array whose data is shorter than its shape claims is refused by numpy itself.
     short = pickle.dumps(np.zeros(8, np.uint8), 2).replace(b"K\x08\x85", b"J\x00\x00\x00\x40\x85")
     with pytest.raises(DataError, match="s.pkl: not a readable pickle"):

@@ -39,6 +39,15 @@ def _reconstruct(cls: object, shape: tuple, typecode: object) -> np.ndarray:
     return _RECONSTRUCT(np.ndarray, (0,), b"b")
 
 
+def _dtype(*args: object) -> np.dtype:
+    made = np.dtype(*args)
+    # An array of Python objects is allocated at its declared shape and then filled from a list
+    # (a short list crashes numpy): no dataset holds one.
+    if made.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects is no dataset's data")
+    return made
+
+
 # Every global a CIFAR pickle may name: a module.name outside this table is never imported.
 # _codecs.encode is how protocol-2 pickles written by Python 3 spell a bytes object, and
 # __builtin__.bytes() how they spell an empty one (the buffer of an empty array).
@@ -48,7 +57,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): _ArrayClass,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): codecs.encode,
 }
 
