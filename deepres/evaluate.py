@@ -20,7 +20,7 @@ from deepres.checkpoint import read_config
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
-from deepres.data.stream import open_image_files, stream_kind, stream_splits
+from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
 from deepres.inference import load, parse_device
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
@@ -247,8 +247,10 @@ def evaluate_run(
         )
     if split == "val" and not config["val_split"]:
         raise ValueError(f"{run}: was trained without --val-split, so it has no val split")
+    # Only a run trained on streamed photos can have been trained on tar shards.
+    shards = saved.get("augment") is not None and stream_kind(data) == "tar shards"
     if split == "test":
-        split = _test_split(run, saved, data, given)
+        split = _test_split(run, saved, data, given, shards)
     read_split = "test" if split == "test" else "train"
     keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
     if protocol == "single" and saved.get("augment"):
@@ -272,7 +274,7 @@ def evaluate_run(
             default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1]),
             **{name: value for name, value in sizes.items() if value is not None},
         )
-        classes, n, images = _full_size(data, read_split, keep, classifier.classes)
+        classes, n, images = _full_size(data, read_split, keep, classifier.classes, shards)
         index = _class_index(classes, classifier.classes, data, run)
         probs, labels = predict_protocol(
             model, images, classifier.preprocess, views, total=n, progress=progress
@@ -294,9 +296,9 @@ def evaluate_run(
     return {**record, **result, "classes": classifier.classes}
 
 
-def _full_size(data: str, split: str, keep, classes: list[str]):
+def _full_size(data: str, split: str, keep, classes: list[str], shards: bool):
     """read_full_size, for WebDataset tar shards too (which only the streaming path reads)."""
-    if stream_kind(data) != "tar shards":
+    if not shards:
         return read_full_size(data, split, keep)
     # Shards carry class numbers: the run's classes name them, a split may lack some.
     files = open_image_files(data, split, classes)
@@ -305,14 +307,14 @@ def _full_size(data: str, split: str, keep, classes: list[str]):
     return files.classes, len(files), files.full_size()
 
 
-def _test_split(run: str | Path, saved: dict, data: str, given: bool) -> str:
+def _test_split(run: str | Path, saved: dict, data: str, given: bool, shards: bool) -> str:
     """ "test", or "all" for data given with one split only."""
-    shards = stream_kind(data) == "tar shards"
     if not given or (stream_splits(data) if shards else available_splits(data)) != ["train"]:
         return "test"
-    # The run's own training images are no test set.
+    # The run's own training images are no test set: for shards, any shard it trained on,
+    # however the path is spelled (a shipped net no longer knows where its shards lay).
     if shards:
-        own = open_image_files(data, "train").source == saved.get("data_source")
+        own = bool(shard_files(data) & shard_files(saved.get("data_path") or ""))
     else:
         dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
         fingerprint = saved.get("data_sha256")

@@ -69,8 +69,9 @@ def test_a_run_trained_on_tar_shards_is_evaluated_on_their_images(photo_folder, 
     # Shards of one split given as --data are evaluated whole, but not the run's own.
     tenfold = evaluate_run(tmp_path / "run", data=str(shards / "val"), protocol="10crop")
     assert tenfold["split"] == "all" and tenfold["n"] == 6
-    with pytest.raises(ValueError, match="the data .* was trained on"):
-        evaluate_run(tmp_path / "run", data=str(shards / "train"))
+    for spelled in (shards / "train", shards / "val" / ".." / "train"):
+        with pytest.raises(ValueError, match="the data .* was trained on"):
+            evaluate_run(tmp_path / "run", data=str(spelled))
 
 
 def test_a_streamed_run_predicts_on_the_centre_view_it_is_tested_on(photo_folder, tmp_path):

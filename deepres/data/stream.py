@@ -213,6 +213,12 @@ def open_image_files(
     return ImageFiles(members, listing.names, listing.labels, listing.classes, listing.source)
 
 
+def shard_files(spec: str, split: str = "train") -> set[Path]:
+    """The real paths of a split's tar shards at spec; none where spec is not tar shards."""
+    layout = _shard_layout(spec) if spec else None
+    return {path.resolve() for path in (layout or {}).get(split, [])}
+
+
 def _shard_layout(spec: str) -> dict[str, list[Path]] | None:
     """Shards by split: a .tar shard, a folder of them, or train/ and val/ folders of them."""
     path = Path(spec).expanduser()
