@@ -324,7 +324,6 @@ def write_report(result: dict, out: Path) -> Path:
     """DIR/results.json, the figures and DIR/report.md of one experiment's result."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", result)
     figures = _figures(result, out)
     m = result["machine"]
     split = _split(result)
@@ -419,4 +418,6 @@ def write_report(result: dict, out: Path) -> Path:
         ]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
+    # Last: results.json never describes a result whose report did not get written.
+    write_json(out / "results.json", result)
     return path

@@ -136,7 +136,7 @@ def test_a_report_write_that_fails_leaves_the_old_report(tiny_folder, tmp_path, 
         with monkeypatch.context() as m:
             m.setattr(*patch)
             with pytest.raises(OSError, match="No space left"):
-                write_report(result, out)
+                write_report({**result, "wall_seconds": result["wall_seconds"] + 1}, out)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
