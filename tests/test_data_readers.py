@@ -517,6 +517,9 @@ def test_image_files_follow_linked_folders_as_training_does_and_never_loop(tmp_p
     os.utime(tmp_path / "elsewhere")  # a new listing, not the cached decode
     assert torch.equal(open_dataset(str(root / "linked")).labels, trained)
     assert all(path.relative_to(root).parts[0] == "linked" for path in found)
+    # A second link to the same folder is a second path to its images, as in training.
+    (root / "again").symlink_to(tmp_path / "elsewhere")
+    assert len(readers.image_files(root)) == 2 * len(trained)
 
 
 @pytest.mark.parametrize(

@@ -225,22 +225,13 @@ def available_splits(spec: str) -> list[str]:
 def image_files(folder: str | Path) -> list[Path]:
     """The image files in a folder and its subfolders, sorted; hidden files left out."""
     folder = Path(folder)
-    found, walked = [], set()
-    # Symbolic links to folders are followed, as the training reader follows them (Path.rglob
-    # does not), each real folder once, so that a link back up cannot loop.
-    for root, folders, files in os.walk(folder, followlinks=True):
-        if os.path.realpath(root) in walked:
-            folders.clear()
-            continue
-        walked.add(os.path.realpath(root))
-        folders[:] = [name for name in folders if _visible(name)]
-        for name in files:
-            path = Path(root) / name
-            if _is_image(name) and _visible(name):
-                if path.is_file():
-                    found.append(path)
-                elif _dangling(path):
-                    _refuse_broken_link(path)
+    found = []
+    for name, entry, _ in _walk(folder, depth=None):
+        if _is_image(entry.name):
+            if entry.is_file():
+                found.append(folder / name)
+            elif _dangling(entry.path):
+                _refuse_broken_link(Path(entry.path))
     found.sort()
     if not found:
         suffixes = " ".join(sorted(_IMAGE_SUFFIXES))
@@ -290,6 +281,33 @@ def read_full_size(
 # ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
 
 
+def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, bool]]:
+    """(name below root, entry, whether walked into) for each visible entry, depth levels deep.
+
+    Symbolic links to folders are followed, but never one to a folder above it: its images
+    would be listed again at every level.
+    """
+    pending = [(root, "", depth, {os.path.realpath(root)})]
+    while pending:
+        folder, prefix, left, above = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not _visible(entry.name):
+                    continue
+                try:
+                    is_folder = entry.is_dir()
+                except OSError:  # a link in a loop: its reader names it
+                    is_folder = False
+                real = os.path.realpath(entry.path) if is_folder else None
+                entered = real is not None and real not in above and (left is None or left > 1)
+                if entered:
+                    below = None if left is None else left - 1
+                    pending.append(
+                        (Path(entry.path), f"{prefix}{entry.name}/", below, above | {real})
+                    )
+                yield prefix + entry.name, entry, entered
+
+
 def _visible(name: str) -> bool:
     # Hidden files and macOS's __MACOSX/._x.jpg resource forks carry image suffixes but no image.
     return not any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
@@ -315,27 +333,13 @@ class _Directory:
     def _listing(self) -> tuple[list[str], list[str]]:
         found: list[str] = []
         folders: list[str] = []
-        # Each folder with the real paths above it: a symbolic link back up is not followed,
-        # or its images would be counted again at every level.
-        pending = [(self.path, "", _MAX_DEPTH, {os.path.realpath(self.path)})]
-        while pending:
-            folder, prefix, depth, above = pending.pop()
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if not _visible(entry.name):
-                        continue
-                    if _is_image(entry.name) and _dangling(entry.path):
-                        _refuse_broken_link(Path(entry.path))
-                    if entry.is_dir() and depth > 1:
-                        real = os.path.realpath(entry.path)
-                        if real in above:
-                            continue
-                        folders.append(prefix + entry.name)
-                        pending.append(
-                            (Path(entry.path), f"{prefix}{entry.name}/", depth - 1, above | {real})
-                        )
-                    elif entry.is_file():
-                        found.append(prefix + entry.name)
+        for name, entry, entered in _walk(self.path, _MAX_DEPTH):
+            if _is_image(entry.name) and _dangling(entry.path):
+                _refuse_broken_link(Path(entry.path))
+            if entered:
+                folders.append(name)
+            elif entry.is_file():
+                found.append(name)
         return sorted(found), sorted(folders)
 
     @property
