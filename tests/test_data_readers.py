@@ -588,7 +588,13 @@ def test_an_image_linked_inside_a_tar_is_named_not_left_out(tmp_path):
     _write_classes(tmp_path / "dir")
     (tmp_path / "dir" / "dogs" / "e.jpg").symlink_to("c.jpg")
     packed = _tar(tmp_path / "dir", tmp_path / "images.tar", gnu=False)
-    with pytest.raises(DataError, match=r"images.tar:dogs/e.jpg: a link inside the tar"):
+    with pytest.raises(DataError, match=r"images.tar:dogs/e.jpg: a symbolic link inside the tar"):
+        open_dataset(str(packed))
+    # GNU tar stores a second name of one file as a hard link by itself.
+    (tmp_path / "dir" / "dogs" / "e.jpg").unlink()
+    os.link(tmp_path / "dir" / "dogs" / "c.jpg", tmp_path / "dir" / "dogs" / "e.jpg")
+    packed = _tar(tmp_path / "dir", tmp_path / "hard.tar", gnu=False)
+    with pytest.raises(DataError, match=r"hard.tar:dogs/.\.jpg: a hard link .*--hard-dereference"):
         open_dataset(str(packed))
 
 

@@ -97,6 +97,17 @@ def test_shards_are_read_by_the_webdataset_key_rule(tmp_path):
     bad = write_shard(tmp_path / "u.tar", [("x", data, b"ant")])
     with pytest.raises(DataError, match=r"u.tar:x.cls: not a class number"):
         open_image_files(str(bad))
+    # An image stored as a link is named, not left out of the data set.
+    linked = write_shard(tmp_path / "v.tar", [("a", data, b"0"), ("b", data, b"1")])
+    with tarfile.open(linked, "a") as shard:
+        link = tarfile.TarInfo("c.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        shard.addfile(link)
+        label = tarfile.TarInfo("c.cls")
+        label.size = 1
+        shard.addfile(label, io.BytesIO(b"1"))
+    with pytest.raises(DataError, match=r"v.tar:c.jpg: a symbolic link inside the tar"):
+        open_image_files(str(linked))
 
 
 def test_a_shard_cut_inside_a_header_is_truncated(tmp_path):

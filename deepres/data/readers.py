@@ -427,6 +427,18 @@ def read_zip_member(archive: zipfile.ZipFile, name: str, where: str) -> bytes:
         raise DataError(f"{where}: cannot read ({error})") from error
 
 
+def refuse_link(member: tarfile.TarInfo, where: str) -> None:
+    """A DataError for an image stored in a tar as a link, which a reader cannot follow."""
+    # Left out, the data set would be smaller than the archive shows. GNU tar stores a file it
+    # has already stored (a second name of one inode) as a hard link on its own.
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        raise DataError(
+            f"{where}: a {kind} link inside the tar; deepres reads the files themselves"
+            " (GNU tar stores them with --dereference --hard-dereference)"
+        )
+
+
 def tar_members(archive: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
     """The members of an open tar, then a DataError if it ends short of its end-of-archive block."""
     yield from archive
@@ -466,14 +478,8 @@ class _Tar(_Archive):
                         continue
                     if member.isdir() and wanted is None:
                         yield name + "/", b""
-                    if member.issym() or member.islnk():
-                        if _is_image(name):
-                            # Left out, the data set would be smaller than the archive shows.
-                            raise DataError(
-                                f"{self.where(name)}: a link inside the tar; deepres reads the"
-                                " files themselves (tar -h stores what links point to)"
-                            )
-                        continue
+                    if _is_image(name):
+                        refuse_link(member, self.where(name))
                     if not member.isfile():
                         continue
                     if wanted is None:

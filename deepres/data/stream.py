@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepres.data.augment import Augment, Lighting, colour_statistics, decoding, open_image, view
 from deepres.data.loader import SPLIT_SEED, Preprocess, split_train_val
-from deepres.data.readers import list_image_folder, read_zip_member, tar_members
+from deepres.data.readers import list_image_folder, read_zip_member, refuse_link, tar_members
 from deepres.data.safe_pickle import DataError
 
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest the
@@ -282,6 +282,8 @@ def _index_shard(shard: Path) -> Iterator[tuple[str, int, int, int]]:
         with tarfile.open(shard, "r:") as archive:
             for member in tar_members(archive, shard):
                 match = _KEY.match(member.name.removeprefix("./"))
+                if match and match.group(2).rsplit(".", 1)[-1].lower() in _IMAGE_EXTENSIONS:
+                    refuse_link(member, f"{shard}:{member.name}")
                 if not (member.isfile() and match):
                     continue
                 key, extension = match.groups()
