@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -63,10 +64,15 @@ def export_onnx(run: str | Path, path: str | Path) -> Path:
             f"ONNX export needs the onnx and onnxscript packages ({err}): "
             "pip install 'deepres[onnx]'"
         ) from None
+    except MemoryError:
+        raise
     except Exception as err:
-        # The exporter's own failures run to pages; the command prints one line.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{run}: ONNX export failed ({type(err).__name__}: {first})") from err
+        # The exporter's failures run to pages, colour codes included, and the first line of
+        # torch.export's wrapper is a banner: the cause it wraps says what went wrong.
+        cause = err.__cause__ or err
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+        first = text.splitlines()[0] if text else ""
+        raise ValueError(f"{run}: ONNX export failed ({type(cause).__name__}: {first})") from err
     finally:
         logger.setLevel(level)
     proto = program.model_proto

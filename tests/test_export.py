@@ -89,11 +89,16 @@ def test_an_exporter_failure_is_one_line_naming_the_run(tiny_folder, tmp_path, m
     train(tiny_config(tiny_folder, run, iters=2), progress=False)
 
     def fails(*args, **kwargs):
-        raise RuntimeError("Failed to export the model\n\npages of graph dump\n...")
+        # As torch.export's wrapper raises: a coloured banner, the cause behind it.
+        banner = "Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m"
+        try:
+            raise TypeError("\x1b[1mcannot trace this op\x1b[0m\n\npages of graph dump\n...")
+        except TypeError as cause:
+            raise RuntimeError(banner) from cause
 
     monkeypatch.setattr(torch.onnx, "export", fails)
     assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    why = "ONNX export failed (RuntimeError: Failed to export the model)"
+    why = "ONNX export failed (TypeError: cannot trace this op)"
     assert err == [f"deepres export: error: {run}: {why}"]
     assert not (tmp_path / "m.onnx").exists()
