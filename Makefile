@@ -116,7 +116,8 @@ restore: setup
 # docs/results/*-full. A name another run holds (ResNet-20, shipped in fp32 before records were
 # kept) gets the run's precision: resnet20-cifar10-bf16. Each shipped net of the campaign is
 # then checked once as a file with `deepres eval --json` on the first 1,000 training images of
-# each class (training images: a check of the file, not a test error).
+# each class (training images: a check of the file, not a test error), unpacked whole or not at
+# all (.part until done) so that a stopped unzip is not taken for the 10,000.
 EVAL10K ?= runs/cifar10-train-first10k
 land: restore
 	@finished=""; for m in $(CAMPAIGN_NETS); do \
@@ -135,9 +136,10 @@ land: restore
 	  print(' '.join(n for n, e in m.items() if e['command'].startswith('make campaign')))") || exit 1; \
 	for n in $$nets; do \
 	  out=docs/results/table6-$(CAMPAIGN_BUDGET)/eval-$$n-train10k.json; test -f $$out && continue; \
-	  test -d $(EVAL10K)/train || unzip -q -o $(CIFAR10) 'train/*/0[0-9]*.jpg' -d $(EVAL10K) || exit 1; \
-	  $(VENV)/bin/deepres eval $$n --data $(EVAL10K)/train --json > $$out.tmp && mv $$out.tmp $$out || \
-	    { rm -f $$out.tmp; exit 1; }; \
+	  test -d $(EVAL10K)/train || { rm -rf $(EVAL10K).part && \
+	    unzip -q $(CIFAR10) 'train/*/0[0-9]*.jpg' -d $(EVAL10K).part && mv $(EVAL10K).part $(EVAL10K); } || exit 1; \
+	  $(VENV)/bin/deepres eval $$n --data $(EVAL10K)/train --json > $(EVAL10K)/$$n.json && \
+	    mv $(EVAL10K)/$$n.json $$out || exit 1; \
 	done
 
 # Where the campaign stands, finished nets and unfinished alike, for the README: the status of
