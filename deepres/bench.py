@@ -32,7 +32,7 @@ from deepres.inference import fold_batchnorm, parse_device
 from deepres.models import create_model, model_family
 from deepres.provenance import machine
 from deepres.report import read_metrics
-from deepres.train import TrainConfig, train
+from deepres.train import TrainConfig, refuse_below, refuse_not_positive, train
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "benchmarks" / "reference.py"
@@ -55,15 +55,6 @@ class TrainBench:
     workers: int = 2
     compile: bool = False
     precision: str = "fp32"
-
-
-def _check(device: str, **counts: int | None) -> None:
-    """A one-line ValueError for a device deepres cannot use or a count below 1 (or 0, workers)."""
-    parse_device(device)
-    for flag, value in counts.items():
-        least = 0 if flag == "workers" else 1
-        if value is not None and value < least:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
 
 
 def _steady(rates: list[float]) -> float:
@@ -131,15 +122,17 @@ def run_train_benchmark(config: TrainBench, command: str = "") -> dict:
         raise ValueError(
             f"--windows must be at least 2 (the first is warm-up), got {config.windows}"
         )
-    _check(
-        config.device,
-        iters=config.iters,
-        batch_size=config.batch_size,
-        width=config.width,
-        workers=config.workers,
+    parse_device(config.device)
+    refuse_below(
+        {
+            "--iters": (config.iters, 1),
+            "--batch-size": (config.batch_size, 1),
+            "--width": (config.width, 1),
+            "--val-split": (config.val_split, 0),
+            "--workers": (config.workers, 0),
+        }
     )
-    if config.epochs is not None and config.epochs <= 0:
-        raise ValueError(f"--epochs must be more than 0, got {config.epochs}")
+    refuse_not_positive({"--epochs": config.epochs})
     context = environment(config.device, command)
     # Decoded (and cached) before the clock starts, as the reference's unzip is set-up too.
     n_images = len(open_dataset(config.data, "train").labels)
@@ -222,7 +215,8 @@ def run_infer_benchmark(
     command: str = "",
 ) -> dict:
     """Forward passes of deepres's net and the reference's at each batch size; rates and ratios."""
-    _check(device, iters=iters, image_size=image_size)
+    parse_device(device)
+    refuse_below({"--iters": (iters, 1), "--image-size": (image_size, 1)})
     context = environment(device, command)
     ours = {b: bench_infer(model, b, iters, device, image_size) for b in batch_sizes}
     theirs = _reference(
@@ -335,13 +329,15 @@ def run_data_benchmark(config: DataBench, command: str = "") -> dict:
         raise ValueError(
             f"bench data times an ImageNet net's training (resnet18 ...), not {config.model}"
         )
-    _check(
-        config.device,
-        batch_size=config.batch_size,
-        workers=config.workers,
-        crop_size=config.crop,
-        train_steps=config.train_steps,
-        train_batch_size=config.train_batch_size,
+    parse_device(config.device)
+    refuse_below(
+        {
+            "--batch-size": (config.batch_size, 1),
+            "--workers": (config.workers, 0),
+            "--crop-size": (config.crop, 1),
+            "--train-steps": (config.train_steps, 1),
+            "--train-batch-size": (config.train_batch_size, 1),
+        }
     )
     context = environment(config.device, command)
     files = open_image_files(config.data, "train")

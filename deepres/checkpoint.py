@@ -123,7 +123,8 @@ _CONFIG_KEYS = {
     "recipe": dict,
 }
 
-# What readers take from its "config" (the run's TrainConfig).
+# Settings of the run's TrainConfig that eval and predict read: without them a config is
+# damaged, and a reader would fail later with a KeyError instead of naming the file.
 _RUN_KEYS = {"data": str, "image_size": (int, type(None)), "val_split": int}
 
 

@@ -320,6 +320,14 @@ def _by_precision(result: dict) -> dict[str, list[str]]:
     return groups
 
 
+def beside_table6(name: str, run: dict) -> tuple[float | None, float | None, str]:
+    """The paper's Table 6 error of a net, our run's gap to it, and the paper's note on it."""
+    paper = TABLE6_ERROR.get(name)
+    # A gap only between test errors: a validation error is not the paper's kind of number.
+    gap = run["test_error"] - paper if paper and run["eval_split"] == "test" else None
+    return paper, gap, TABLE6_NOTE.get(name, "") if paper else ""
+
+
 def write_report(result: dict, out: Path) -> Path:
     """DIR/results.json, the figures and DIR/report.md of one experiment's result."""
     out = Path(out)
@@ -371,10 +379,8 @@ def write_report(result: dict, out: Path) -> Path:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
-        paper = TABLE6_ERROR.get(name)
-        # A gap only between test errors: a validation error is not the paper's kind of number.
-        gap = r["test_error"] - paper if paper and r["eval_split"] == "test" else None
-        note = f" ({TABLE6_NOTE[name]})" if paper is not None and name in TABLE6_NOTE else ""
+        paper, gap, note = beside_table6(name, r)
+        note = f" ({note})" if note else ""
         lines.append(
             f"| {name} | {r['params']:,} | {r['iters']} | {r['seconds'] / 3600:.2f} | "
             f"{_pct(r['train_error'])} | {r['train_loss']:.4f} | {_pct(r['test_error'])} | "

@@ -110,6 +110,20 @@ class TrainConfig:
     workers: int | None = None
 
 
+def refuse_below(at_least: dict[str, tuple[int | None, int]]) -> None:
+    """A one-line ValueError naming the first flag whose value is below its least (None: unset)."""
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}")
+
+
+def refuse_not_positive(values: dict[str, float | None]) -> None:
+    """A one-line ValueError naming the first flag set to a number that is not finite and > 0."""
+    for flag, value in values.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: must be a positive number")
+
+
 def check_config(config: TrainConfig) -> None:
     """Refuse, in one line naming the flag, numbers no run can be trained with."""
     at_least = {
@@ -124,14 +138,10 @@ def check_config(config: TrainConfig) -> None:
         "--workers": (config.workers, 0),
         "--seed": (config.seed, 0),
     }
-    for flag, (value, low) in at_least.items():
-        if value is not None and value < low:
-            raise ValueError(f"{flag} {value}: must be at least {low}")
+    refuse_below(at_least)
     if config.seed >= 2**63:
         raise ValueError(f"--seed {config.seed}: must be below 2**63")
-    for flag, value in (("--epochs", config.epochs), ("--lr", config.lr)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} {value}: must be a positive number")
+    refuse_not_positive({"--epochs": config.epochs, "--lr": config.lr})
     if not (math.isfinite(config.lighting) and config.lighting >= 0):
         raise ValueError(f"--lighting {config.lighting}: must be a number >= 0 (0: off)")
     if config.scale is not None and not 0 < config.scale[0] <= config.scale[1]:

@@ -136,13 +136,15 @@ def test_bench_settings_that_cannot_run_are_one_line_errors(tiny_folder, photo_f
     data = ["bench", "data", "--data", str(photo_folder)]
     for argv, why in (
         (["bench", "infer", "--device", "foo"], "--device foo: not a device"),
-        (["bench", "infer", "--iters", "0"], "--iters must be at least 1, got 0"),
-        (["bench", "infer", "--image-size", "0"], "--image-size must be at least 1, got 0"),
-        ([*train, "--epochs", "1", "--batch-size", "0"], "--batch-size must be at least 1"),
-        ([*train, "--epochs", "0"], "--epochs must be more than 0"),
-        ([*train, "--workers", "-1"], "--workers must be at least 0, got -1"),
-        ([*data, "--train-steps", "0"], "--train-steps must be at least 1, got 0"),
-        ([*data, "--crop-size", "0"], "--crop-size must be at least 1, got 0"),
+        (["bench", "infer", "--iters", "0"], "--iters 0: must be at least 1"),
+        (["bench", "infer", "--image-size", "0"], "--image-size 0: must be at least 1"),
+        ([*train, "--epochs", "1", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        ([*train, "--epochs", "0"], "--epochs 0.0: must be a positive number"),
+        ([*train, "--epochs", "nan"], "--epochs nan: must be a positive number"),
+        ([*train, "--val-split", "-1"], "--val-split -1: must be at least 0"),
+        ([*train, "--workers", "-1"], "--workers -1: must be at least 0"),
+        ([*data, "--train-steps", "0"], "--train-steps 0: must be at least 1"),
+        ([*data, "--crop-size", "0"], "--crop-size 0: must be at least 1"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

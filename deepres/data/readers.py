@@ -272,7 +272,7 @@ def read_full_size(
     label_of = dict(zip(names, labels, strict=True))
     # A tar yields its members in archive order, not in the order asked: labels go by name.
     pairs = (
-        (_decode_image(data, source.where(name), None), label_of[name])
+        (decode_image(data, source.where(name), None), label_of[name])
         for name, data in source.read(names)
     )
     return classes, len(names), pairs
@@ -831,7 +831,7 @@ def _decode_images(source: _Source, names: list[str], image_size: int | None) ->
     first = None
     for name, data in source.read(names):
         where = source.where(name)
-        array = _decode_image(data, where, image_size)
+        array = decode_image(data, where, image_size)
         if first is None:
             first = (where, array)
         elif array.shape[:2] != first[1].shape[:2]:
@@ -849,7 +849,8 @@ def _decode_images(source: _Source, names: list[str], image_size: int | None) ->
     return np.stack(rgb).transpose(0, 3, 1, 2)
 
 
-def _decode_image(data: bytes, where: str, image_size: int | None) -> np.ndarray:
+def decode_image(data: bytes, where: str, image_size: int | None = None) -> np.ndarray:
+    """An encoded image as uint8 HxW (gray) or HxWx3, resized and centre-cropped to image_size."""
     # Pillow identifies the format from the content, so a GIF named .jpg decodes as a GIF.
     try:
         with Image.open(io.BytesIO(data)) as opened:

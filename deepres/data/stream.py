@@ -30,9 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deepres.data.augment import Augment, Lighting, colour_statistics, decoding, open_image, view
+from deepres.data.augment import Augment, Lighting, colour_statistics, view
 from deepres.data.loader import SPLIT_SEED, Preprocess, split_train_val
-from deepres.data.readers import list_image_folder, read_zip_member, refuse_link, tar_members
+from deepres.data.readers import (
+    decode_image,
+    list_image_folder,
+    read_zip_member,
+    refuse_link,
+    tar_members,
+)
 from deepres.data.safe_pickle import DataError
 
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest the
@@ -143,13 +149,9 @@ class ImageFiles:
         return self.members.read(entry), self.members.where(entry)
 
     def full_size(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(uint8 [H, W, 3] image as stored, label) of each image in order, decoded one by one."""
+        """(uint8 image as stored, label) of each image in order, decoded one by one."""
         for index, label in enumerate(self.labels):
-            data, where = self.read(index)
-            image = open_image(data, where)
-            with decoding(where):  # Pillow decodes lazily, here and not at open
-                array = np.asarray(image.convert("RGB"))
-            yield array, label
+            yield decode_image(*self.read(index)), label
 
     def subset(self, index: torch.Tensor) -> ImageFiles:
         """The images at these positions, in this order."""

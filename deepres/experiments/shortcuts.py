@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
-from deepres.models import model_family
+from deepres.models.registry import default_option
 from deepres.paper import TABLE3_RESNET34_TOP1
 
 
@@ -19,7 +19,7 @@ def run(ctx: Context, models: list[str]) -> dict:
         raise ValueError(f"{plain[0]}: a plain net has no shortcuts to compare")
     runs = {}
     for model in models:
-        default = _default_option(model)
+        default = default_option(model, "shortcut")
         for option, name in _names(model).items():
             # The net's default option (A for a CIFAR net, B for an ImageNet one) is its
             # ordinary run, shared with other experiments.
@@ -32,13 +32,9 @@ def run(ctx: Context, models: list[str]) -> dict:
     }
 
 
-def _default_option(model: str) -> str:
-    return "A" if model_family(model) == "cifar" else "B"
-
-
 def _names(model: str) -> dict[str, str]:
     """The run of each option: the net's own name for its default option, else NET-OPTION."""
-    default = _default_option(model)
+    default = default_option(model, "shortcut")
     return {option: model if option == default else f"{model}-{option}" for option in "ABC"}
 
 

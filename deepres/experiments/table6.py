@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from deepres.experiments.common import Context, ensure_run, run_result, verdict
-from deepres.paper import TABLE6_ERROR, TABLE6_NOTE
+from deepres.paper import TABLE6_ERROR
+from deepres.report import beside_table6
 
 
 def default_models(budget: str) -> list[str]:
@@ -17,7 +18,7 @@ def run(ctx: Context, models: list[str]) -> dict:
     runs = {name: run_result(ensure_run(ctx, ctx.config(name, name))) for name in models}
     table = []
     for name, r in runs.items():
-        paper = TABLE6_ERROR.get(name)
+        paper, gap, note = beside_table6(name, r)
         table.append(
             {
                 "model": name,
@@ -25,9 +26,8 @@ def run(ctx: Context, models: list[str]) -> dict:
                 "ours": r["test_error"],
                 "eval_split": r["eval_split"],
                 "paper": paper,
-                # Between test errors only: a validation error is not the paper's kind.
-                "gap": r["test_error"] - paper if paper and r["eval_split"] == "test" else None,
-                "note": TABLE6_NOTE.get(name, ""),
+                "gap": gap,
+                "note": note,
             }
         )
     return {"runs": runs, "table": table, "claims": claims(runs)}

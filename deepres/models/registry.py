@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from functools import partial
 
 from torch import nn
@@ -16,7 +15,7 @@ CIFAR_PLAINS = (20, 32, 44, 56, 110)
 IMAGENET_RESNETS = (18, 34, 50, 101, 152)
 IMAGENET_PLAINS = (18, 34)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, partial] = {
     **{f"resnet{d}": partial(cifar_resnet, d) for d in CIFAR_RESNETS},
     **{f"plain{d}": partial(cifar_resnet, d, residual=False) for d in CIFAR_PLAINS},
     **{f"resnet{d}": partial(imagenet_resnet, d) for d in IMAGENET_RESNETS},
@@ -29,24 +28,30 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def _builder(name: str) -> partial:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
 def create_model(name: str, **options) -> nn.Module:
     """Build a registered net; options go to its builder (shortcut, num_classes, ...)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[name](**options)
+    return _builder(name)(**options)
 
 
 def check_options(name: str, options: dict) -> None:
     """A ValueError unless name is a registered net and its builder takes these options."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    unknown = sorted(set(options) - set(inspect.signature(MODELS[name]).parameters))
+    unknown = sorted(set(options) - set(inspect.signature(_builder(name)).parameters))
     if unknown:
         raise ValueError(f"{name} takes no option {', '.join(map(repr, unknown))}")
 
 
+def default_option(name: str, option: str) -> object:
+    """What a registered net's builder takes for an option left out (shortcut: "A" or "B")."""
+    return inspect.signature(_builder(name)).parameters[option].default
+
+
 def model_family(name: str) -> str:
     """'cifar' or 'imagenet': which of the paper's two families a registered net belongs to."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return "cifar" if MODELS[name].func is cifar_resnet else "imagenet"
+    return "cifar" if _builder(name).func is cifar_resnet else "imagenet"
