@@ -32,7 +32,10 @@ def world() -> tuple[int, int]:
     world_size = _environ("WORLD_SIZE", "1")
     if world_size < 2:
         return 0, 1
-    return _environ("RANK"), world_size
+    rank = _environ("RANK")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} in the environment: not one of WORLD_SIZE={world_size}'s")
+    return rank, world_size
 
 
 def setup(device: torch.device) -> torch.device:
