@@ -208,6 +208,18 @@ def test_restricted_loads_reads_arrays_and_plain_data():
     array = np.arange(12, dtype=np.uint8).reshape(3, 4)
     loaded = restricted_loads(pickle.dumps({b"data": array, b"labels": [1, 2], "s": "x"}, 2))
     assert np.array_equal(loaded[b"data"], array) and loaded[b"data"].dtype == np.uint8
+    assert type(loaded[b"data"]) is np.ndarray
+    # Every kind of numeric array numpy pickles, in protocols 2 and 4.
+    for numbers in (
+        np.arange(3, dtype="<f4"),
+        np.arange(3, dtype=">i8"),
+        np.zeros(2, dtype=[("a", "<u2"), ("b", ">f8")]),
+        np.zeros((2, 3), dtype=np.int64, order="F"),
+        np.array([], dtype=np.uint8),
+    ):
+        for protocol in (2, 4):
+            again = restricted_loads(pickle.dumps([numbers], protocol))[0]
+            assert np.array_equal(again, numbers) and again.dtype.kind == numbers.dtype.kind
     assert loaded[b"labels"] == [1, 2] and loaded["s"] == "x"
     # Pickles written by numpy < 2 name numpy.core instead of numpy._core.
     old = pickle.dumps(array, 2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
@@ -238,6 +250,25 @@ class _Rebuilt(_Unfilled):
         return (np.ndarray(0).__reduce__()[0], (np.ndarray, *self.args))
 
 
+class _ForgedDtype:
+    """Pickles as a dtype of numbers whose pickled flags make it an object dtype."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self):
+        order = "|" if self.kind.startswith("V") else "<"
+        return (np.dtype, (self.kind, False, True), (3, order, None, None, None, 8, 1, 0x3F))
+
+
+class _ForgedObjects(_ForgedDtype):
+    """An array of 100,000 of those objects, filled from a list of one."""
+
+    def __reduce__(self):
+        state = (1, (100_000,), _ForgedDtype(self.kind), False, [1])
+        return (np.ndarray(0).__reduce__()[0], (np.ndarray, (0,), b"b"), state)
+
+
 def test_restricted_loads_makes_no_array_larger_than_its_data():
     # A file of a hundred bytes asking for 6 GB of pixels, two ways; neither array is made.
     for kind in (_Unfilled, _Rebuilt):
@@ -245,10 +276,15 @@ def test_restricted_loads_makes_no_array_larger_than_its_data():
         assert len(bomb) < 200
         with pytest.raises(DataError, match="b.pkl: not a readable pickle"):
             restricted_loads(bomb, "b.pkl")
-    # Nor an array of Python objects, which numpy makes at its declared shape before any data.
+    # Nor an array of Python objects, which numpy makes at its declared shape before any data,
+    # even where the dtype turns into an object dtype only through its own pickled state.
     objects = pickle.dumps({b"data": np.array([1, "x", None], dtype=object)}, 2)
-    with pytest.raises(DataError, match="o.pkl: not a readable pickle .* Python objects"):
+    with pytest.raises(DataError, match="o.pkl: not a readable pickle .* only numbers"):
         restricted_loads(objects, "o.pkl")
+    for kind in ("i8", "V8"):
+        forged = pickle.dumps({b"data": _ForgedObjects(kind)}, 2)
+        with pytest.raises(DataError, match="f.pkl: not a readable pickle .* only numbers"):
+            restricted_loads(forged, "f.pkl")
     # An array whose data is shorter than its shape claims is refused by numpy itself.
     short = pickle.dumps(np.zeros(8, np.uint8), 2).replace(b"K\x08\x85", b"J\x00\x00\x00\x40\x85")
     with pytest.raises(DataError, match="s.pkl: not a readable pickle"):

@@ -30,22 +30,38 @@ class _ArrayClass:
     """What numpy.ndarray names in a pickle: not the class, which would make any shape on call."""
 
 
+class _CheckedArray(np.ndarray):
+    """An array being unpickled: its pickled state is checked before numpy takes it."""
+
+    def __setstate__(self, state: tuple) -> None:
+        # (version, shape, dtype, Fortran order, data). numpy allocates the shape, then fills
+        # it: from raw bytes, whose length must match, or, for Python objects, from a list,
+        # with no such check (a short one crashes numpy). The dtype is checked here, after its
+        # own pickled state was applied: that state can turn an int64 into an object dtype.
+        dtype, data = state[-3], state[-1]
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+            raise pickle.UnpicklingError("an array may hold only numbers, as its raw bytes")
+        super().__setstate__(state)
+
+
 def _reconstruct(cls: object, shape: tuple, typecode: object) -> np.ndarray:
     # numpy's own pickles rebuild an array as an empty one, then fill it from its pickled state,
     # whose bytes must match the shape it declares: so a file cannot ask for more memory than
     # it holds. Any other call (ndarray((10**9, 3072)) with no data) is refused.
     if cls is not _ArrayClass or tuple(shape) != (0,) or typecode not in (b"b", "b"):
         raise pickle.UnpicklingError("an array may be rebuilt only from its own pickled data")
-    return _RECONSTRUCT(np.ndarray, (0,), b"b")
+    return _RECONSTRUCT(_CheckedArray, (0,), b"b")
 
 
-def _dtype(*args: object) -> np.dtype:
-    made = np.dtype(*args)
-    # An array of Python objects is allocated at its declared shape and then filled from a list
-    # (a short list crashes numpy): no dataset holds one.
-    if made.hasobject:
-        raise pickle.UnpicklingError("an array of Python objects is no dataset's data")
-    return made
+def _plain(value: object) -> object:
+    """The loaded value with every checked array a plain ndarray again."""
+    if isinstance(value, _CheckedArray):
+        return value.view(np.ndarray)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
 
 
 # Every global a CIFAR pickle may name: a module.name outside this table is never imported.
@@ -57,7 +73,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): _ArrayClass,
-    ("numpy", "dtype"): _dtype,
+    ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,
 }
 
@@ -82,7 +98,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def restricted_loads(data: bytes, source: str = "<pickle>") -> object:
     """Unpickle untrusted bytes that may hold only numpy arrays, containers, numbers and bytes."""
     try:
-        return _RestrictedUnpickler(data, source).load()
+        return _plain(_RestrictedUnpickler(data, source).load())
     except DataError:
         raise
     except Exception as error:
