@@ -534,8 +534,12 @@ def test_image_folder_refuses_a_broken_link(tmp_path):
     (tmp_path / "dogs" / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
     with pytest.raises(DataError, match=r"dogs/loop.jpg: broken symbolic link .* or is a loop"):
         open_dataset(str(tmp_path))
+    with pytest.raises(DataError, match=r"dogs/loop.jpg: broken symbolic link .* or is a loop"):
+        readers.image_files(tmp_path)
     (tmp_path / "dogs" / "loop.jpg").unlink()
+    (tmp_path / "dogs" / "notes").symlink_to("notes")  # a loop, but no image: not data
     assert len(readers.image_files(tmp_path)) == counted + 2  # the link and real.png
+    assert len(open_dataset(str(tmp_path)).labels) == counted + 1  # real.png is no class's
 
 
 def test_image_files_follow_linked_folders_as_training_does_and_never_loop(tmp_path):

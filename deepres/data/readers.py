@@ -226,9 +226,9 @@ def image_files(folder: str | Path) -> list[Path]:
     """The image files in a folder and its subfolders, sorted; hidden files left out."""
     folder = Path(folder)
     found = []
-    for name, entry, _ in _walk(folder, depth=None):
+    for name, entry, _, is_file in _walk(folder, depth=None):
         if _is_image(entry.name):
-            if entry.is_file():
+            if is_file:
                 found.append(folder / name)
             elif _dangling(entry.path):
                 _refuse_broken_link(Path(entry.path))
@@ -281,8 +281,8 @@ def read_full_size(
 # ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
 
 
-def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, bool]]:
-    """(name below root, entry, whether walked into) for each visible entry, depth levels deep.
+def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, bool, bool]]:
+    """(name below root, entry, walked into, a file) for each visible entry, depth levels deep.
 
     Symbolic links to folders are followed, but never one to a folder above it: its images
     would be listed again at every level.
@@ -295,9 +295,9 @@ def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, boo
                 if not _visible(entry.name):
                     continue
                 try:
-                    is_folder = entry.is_dir()
-                except OSError:  # a link in a loop: its reader names it
-                    is_folder = False
+                    is_folder, is_file = entry.is_dir(), entry.is_file()
+                except OSError:  # a link in a loop: neither (a reader names an image's)
+                    is_folder = is_file = False
                 real = os.path.realpath(entry.path) if is_folder else None
                 entered = real is not None and real not in above and (left is None or left > 1)
                 if entered:
@@ -305,7 +305,7 @@ def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, boo
                     pending.append(
                         (Path(entry.path), f"{prefix}{entry.name}/", below, above | {real})
                     )
-                yield prefix + entry.name, entry, entered
+                yield prefix + entry.name, entry, entered, is_file
 
 
 def _visible(name: str) -> bool:
@@ -333,12 +333,12 @@ class _Directory:
     def _listing(self) -> tuple[list[str], list[str]]:
         found: list[str] = []
         folders: list[str] = []
-        for name, entry, entered in _walk(self.path, _MAX_DEPTH):
+        for name, entry, entered, is_file in _walk(self.path, _MAX_DEPTH):
             if _is_image(entry.name) and _dangling(entry.path):
                 _refuse_broken_link(Path(entry.path))
             if entered:
                 folders.append(name)
-            elif entry.is_file():
+            elif is_file:
                 found.append(name)
         return sorted(found), sorted(folders)
 
