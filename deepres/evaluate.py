@@ -19,7 +19,7 @@ from tqdm import tqdm
 from deepres.checkpoint import read_config
 from deepres.data import available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
-from deepres.data.readers import NAMED_DATA, locate_data, read_full_size
+from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, read_full_size
 from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
 from deepres.inference import load, parse_device
 from deepres.models import model_family
@@ -247,8 +247,9 @@ def evaluate_run(
         )
     if split == "val" and not config["val_split"]:
         raise ValueError(f"{run}: was trained without --val-split, so it has no val split")
-    # Only a run trained on streamed photos can have been trained on tar shards.
-    shards = saved.get("augment") is not None and stream_kind(data) == "tar shards"
+    # Shards are read by the streaming path only: looked for where the run streamed its data or
+    # data is given (a shipped photo net tested on shards of new photos).
+    shards = (given or saved.get("augment") is not None) and stream_kind(data) == "tar shards"
     if split == "test":
         split = _test_split(run, saved, data, given, shards)
     read_split = "test" if split == "test" else "train"
@@ -314,7 +315,8 @@ def _test_split(run: str | Path, saved: dict, data: str, given: bool, shards: bo
     # The run's own training images are no test set: for shards, any shard it trained on,
     # however the path is spelled (a shipped net no longer knows where its shards lay).
     if shards:
-        own = bool(shard_files(data) & shard_files(saved.get("data_path") or ""))
+        trained_on = saved.get("data_path") or absolute_data(saved["config"]["data"])
+        own = bool(shard_files(data) & shard_files(trained_on))
     else:
         dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
         fingerprint = saved.get("data_sha256")

@@ -237,8 +237,9 @@ def _swap_in(
     then runs once the new folder is in place; if it fails, the old folder comes back.
     """
     # A failure anywhere leaves dest as it was, never half old and half new: the old folder is
-    # set aside, not deleted, until the new one is in and `then` has run. Where even putting it
-    # back fails, it stays beside dest in .NAME.old.*, never lost.
+    # set aside, not deleted, until the new one is in and `then` has run, and the new one is
+    # taken out whole, by a rename, before the old one goes back. Where even that fails, the
+    # old one stays beside dest in .NAME.old.*, never lost.
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     old, placed, committed = None, False, False
@@ -255,7 +256,11 @@ def _swap_in(
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         if placed and not committed:
-            shutil.rmtree(dest, ignore_errors=True)
+            trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new.", dir=dest.parent))
+            try:
+                dest.rename(trash / dest.name)
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
         if old is not None:
             if not committed and not dest.exists():
                 (old / dest.name).rename(dest)

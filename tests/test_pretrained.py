@@ -451,9 +451,13 @@ def test_a_folder_is_swapped_in_whole_or_left_as_it_was(tmp_path, monkeypatch):
         _swap_in(dest, write("newer"), then=refuse("manifest"))
     assert (dest / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["net"]
     # ...and where the new one cannot be taken out again, the old one is kept beside it.
-    rmtree = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: path != dest and rmtree(path, **kw))
-    with pytest.raises(OSError, match="manifest"):
+    def refuse_out(self, target):
+        if self == dest and type(dest)(target).parent.name.startswith(".net.new."):
+            raise OSError("rename refused")
+        return rename(self, target)
+
+    monkeypatch.setattr(type(dest), "rename", refuse_out)
+    with pytest.raises(OSError, match="rename refused"):
         _swap_in(dest, write("newest"), then=refuse("manifest"))
     (kept,) = tmp_path.glob(".net.old.*")
     assert (kept / "net" / "a.txt").read_text() == "new"

@@ -72,6 +72,11 @@ def test_a_run_trained_on_tar_shards_is_evaluated_on_their_images(photo_folder, 
     for spelled in (shards / "train", shards / "val" / ".." / "train"):
         with pytest.raises(ValueError, match="the data .* was trained on"):
             evaluate_run(tmp_path / "run", data=str(spelled))
+    # A run from before data_path was recorded: its data as given.
+    config = tmp_path / "run" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "data_path": None}))
+    with pytest.raises(ValueError, match="the data .* was trained on"):
+        evaluate_run(tmp_path / "run", data=str(shards / "train"))
 
 
 def test_a_streamed_run_predicts_on_the_centre_view_it_is_tested_on(photo_folder, tmp_path):
