@@ -450,6 +450,7 @@ def test_a_folder_is_swapped_in_whole_or_left_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="manifest"):
         _swap_in(dest, write("newer"), then=refuse("manifest"))
     assert (dest / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["net"]
+
     # ...and where the new one cannot be taken out again, the old one is kept beside it.
     def refuse_out(self, target):
         if self == dest and type(dest)(target).parent.name.startswith(".net.new."):

@@ -35,13 +35,15 @@ class _CheckedArray(np.ndarray):
 
     def __setstate__(self, state: tuple) -> None:
         # (version, shape, dtype, Fortran order, data). numpy allocates the shape, then fills
-        # it: from raw bytes, whose length must match, or, for Python objects, from a list,
-        # with no such check (a short one crashes numpy). The dtype is checked here, after its
-        # own pickled state was applied: that state can turn an int64 into an object dtype.
-        dtype, data = state[-3], state[-1]
-        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        # it: from raw bytes, whose length it checks, or, for Python objects, from a list, with
+        # no such check (a short one crashes numpy). Only numbers as raw bytes are taken, with
+        # a dtype of the array's own: the pickle's dtype object could be changed by a later
+        # step of the same pickle (its flags can make an int64 an object dtype).
+        *head, dtype, fortran, data = state
+        plain = isinstance(dtype, np.dtype) and dtype.fields is None and dtype.subdtype is None
+        if not (plain and dtype.kind in "biufc" and isinstance(data, bytes)):
             raise pickle.UnpicklingError("an array may hold only numbers, as its raw bytes")
-        super().__setstate__(state)
+        super().__setstate__((*head, np.dtype(dtype.str), fortran, data))
 
 
 def _reconstruct(cls: object, shape: tuple, typecode: object) -> np.ndarray:
