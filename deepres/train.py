@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import threading
@@ -340,6 +341,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
     _check_run_dir(run, resume)
     # Every rank has looked before rank 0 writes config.json.
     distributed.barrier()
+    if config.deterministic and device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, set before its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(config.deterministic)
     torch.backends.cudnn.benchmark = not config.deterministic
     # Resolved once per session; a new run saves it resolved, so a resume elsewhere keeps it.
