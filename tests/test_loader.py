@@ -123,3 +123,17 @@ def test_batch_stream_shards_make_up_the_single_process_batch(world):
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
     with pytest.raises(ValueError, match="multiple of 3"):
         BatchStream(images, labels, pre, batch_size=8, seed=0, shard=(0, 3))
+
+
+def test_pad_crop_flip_draws_every_offset_and_both_flips():
+    # Pixels numbered 1..36 (the padding is 0): each crop tells its offset and whether flipped.
+    n, size = 4000, 6
+    image = (torch.arange(size * size) + 1).float().view(1, 1, size, size)
+    out = pad_crop_flip(image.expand(n, 1, size, size).clone(), torch.Generator().manual_seed(0))
+    seen = set()
+    for crop in out[:, 0]:
+        i, j = (int(k) for k in (crop > 0).nonzero()[0])  # at least 2x2 pixels are the image's
+        row, col = divmod(int(crop[i, j]) - 1, size)
+        flip = bool(crop[i, j + 1] < crop[i, j])
+        seen.add((row + 4 - i, col + 4 - (size - 1 - j if flip else j), flip))
+    assert seen == {(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)}

@@ -111,6 +111,22 @@ def test_option_a_subsamples_and_zero_pads():
     assert torch.count_nonzero(y[:, 16:]) == 0
 
 
+def test_resnet20_widens_its_stages_by_option_a():
+    # With its residual branch zeroed, the first block of conv3_x passes on the shortcut alone:
+    # every other pixel of the 16 input maps, then 16 maps of zeros, and no parameter.
+    block = create_model("resnet20").layer2[0].eval()
+    torch.nn.init.zeros_(block.bn2.weight)
+    torch.nn.init.zeros_(block.bn2.bias)
+    x = torch.randn(1, 16, 32, 32)
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == (1, 32, 16, 16)
+    for channel, i, j in [(0, 0, 0), (5, 3, 7), (15, 15, 15), (9, 15, 0)]:
+        assert out[0, channel, i, j] == max(float(x[0, channel, 2 * i, 2 * j]), 0.0)
+    assert torch.count_nonzero(out[0, 16:]) == 0
+    assert sum(p.numel() for p in block.downsample.parameters()) == 0
+
+
 def test_plain_block_has_no_addition_and_residual_block_does():
     x = torch.rand(1, 16, 8, 8)
     for residual, expected in [(True, x), (False, torch.zeros_like(x))]:

@@ -22,6 +22,7 @@ from deepres import train as train_module
 from deepres.checkpoint import CHECKPOINT, checkpoint_state, load_checkpoint, load_tensors
 from deepres.cli import build_parser, main
 from deepres.data import open_dataset
+from deepres.data.loader import split_train_val
 from deepres.evaluate import error_rates
 from deepres.models import create_model
 from deepres.provenance import git_dirty
@@ -104,6 +105,14 @@ def test_run_directory_contents_and_metrics(tiny_folder, tmp_path):
     assert config["n_train"] == 60 and config["eval_split"] == "val"
     assert len(config["git_commit"]) == 40 and config["git_dirty"] == git_dirty()
     assert config["recipe"]["milestones"] == [6, 9]
+    # The paper's per-pixel mean: the mean image of the training images alone, std one.
+    tensors, _ = load_tensors(run / "preprocess.safetensors")
+    dataset = open_dataset(str(tiny_folder))
+    train_index, _ = split_train_val(len(dataset.labels), 12)
+    expected = dataset.images[train_index].double().mean(0) / 255
+    assert config["normalize"] == "pixel" and tensors["mean"].shape == (3, 12, 12)
+    assert torch.allclose(tensors["mean"].double(), expected, atol=1e-6)
+    assert torch.equal(tensors["std"], torch.ones(3, 1, 1))
     metrics = read_metrics(run)
     assert [m["iteration"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert [m["lr"] for m in metrics] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001, 0.001])
@@ -359,8 +368,12 @@ def test_bf16_autocast_trains_fp32_weights(tiny_folder, tmp_path):
     train(tiny_config(tiny_folder, tmp_path / "bf16", iters=4, precision="bf16"), progress=False)
     metrics = read_metrics(tmp_path / "bf16")
     assert all(m["train_loss"] == m["train_loss"] for m in metrics)  # no NaN
-    weights = deepres.load(tmp_path / "bf16").model.state_dict()
-    assert weights["conv1.weight"].dtype == torch.float32
+    # Autocast computes in bf16; the weights, their momentum and the saved files stay fp32.
+    assert [m["precision"] for m in metrics] == ["bf16"] * len(metrics)
+    saved, _ = load_tensors(tmp_path / "bf16" / "model.safetensors")
+    state, _ = load_tensors(tmp_path / "bf16" / CHECKPOINT)
+    floats = [t for t in [*saved.values(), *state.values()] if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
     assert (tmp_path / "fp32" / "model.safetensors").read_bytes() != (
         tmp_path / "bf16" / "model.safetensors"
     ).read_bytes()
