@@ -268,6 +268,15 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
             if name not in params or params[name].shape != value.shape:
                 raise ValueError(f"{path}: {key} belongs to no parameter of the net")
             optimizer.state[params[name]][slot] = value.to(params[name].device)
+    # Without its momentum a run would resume, but not as the one that stopped.
+    names = {id(p): n for n, p in params.items()}
+    for group in optimizer.param_groups:
+        if group.get("momentum"):
+            for p in group["params"]:
+                if "momentum_buffer" not in optimizer.state[p]:
+                    raise ValueError(
+                        f"{path}: no momentum for {names[id(p)]}, which a resume needs"
+                    )
     return _loop_state(path, {k: v for k, v in state.items() if k != "format"})
 
 

@@ -532,7 +532,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
 
 def _check_run_dir(run: Path, resume: bool) -> None:
     if resume and not (run / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{run / CHECKPOINT}: no checkpoint to resume from; start again")
+        raise FileNotFoundError(
+            f"{run / CHECKPOINT}: no checkpoint to resume from; remove {run} and start again"
+        )
     if not resume and (run / CONFIG).exists():
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
     # A new run writes model.safetensors, metrics.jsonl and more: never over someone's files.

@@ -126,3 +126,9 @@ def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_
     save_tensors(path, tensors, {**meta, **state})
     with pytest.raises(ValueError, match="optim/gone/momentum_buffer belongs to no parameter"):
         load_checkpoint(tmp_path, model, optimizer)
+    # A checkpoint without a parameter's momentum would resume a different run.
+    del tensors["optim/gone/momentum_buffer"], tensors["optim/bias/momentum_buffer"]
+    save_tensors(path, tensors, {**meta, **state})
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=f"{path}: no momentum for bias"):
+        load_checkpoint(tmp_path, model, fresh)
