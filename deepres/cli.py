@@ -38,10 +38,18 @@ from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
 
 def _model_options(args: argparse.Namespace, name: str) -> dict:
+    # A flag a net cannot take is refused for a net named, and passed over in the whole table.
+    named = name in (args.names or [])
     options = {}
-    if args.shortcut:
+    if args.shortcut and name.startswith("plain"):
+        if named:
+            raise ValueError(f"--shortcut: {name} is a plain net; it has no shortcuts")
+    elif args.shortcut:
         options["shortcut"] = args.shortcut
-    if args.stride_in and model_family(name) == "imagenet":
+    if args.stride_in and model_family(name) != "imagenet":
+        if named:
+            raise ValueError(f"--stride-in: {name} is a CIFAR net; it has no bottlenecks")
+    elif args.stride_in:
         options["stride_in_1x1"] = args.stride_in == "1x1"
     return options
 

@@ -111,6 +111,11 @@ class TrainConfig:
     workers: int | None = None
 
 
+# What only the streaming path reads, and TrainConfig's defaults, to tell what was asked for.
+_STREAMING_ONLY = ("augment", "crop_size", "scale", "lighting", "workers")
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
 def refuse_below(at_least: dict[str, tuple[int | None, int]]) -> None:
     """A one-line ValueError naming the first flag whose value is below its least (None: unset)."""
     for flag, (value, low) in at_least.items():
@@ -205,6 +210,8 @@ class Diverged(FloatingPointError):
 def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> dict:
     options = {"num_classes": num_classes, "in_channels": in_channels}
     if config.shortcut:
+        if config.model.startswith("plain"):
+            raise ValueError(f"--shortcut: {config.model} is a plain net; it has no shortcuts")
         options["shortcut"] = config.shortcut
     if config.width:
         options["width"] = config.width
@@ -375,6 +382,18 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         dataset, train_idx, (eval_split, eval_images, eval_labels) = _open_data(config)
         classes, n_train, source = dataset.classes, len(train_idx), dataset.source
         input_size = list(dataset.images.shape[1:])
+        unused = [
+            f"--{name.replace('_', '-')}"
+            for name in _STREAMING_ONLY
+            if getattr(config, name) != _DEFAULTS[name]
+        ]
+        if unused and main and not resume:
+            warnings.warn(
+                f"{', '.join(unused)}: settings of the streaming path (an ImageNet net on photos);"
+                " this run's data is decoded whole and augmented by pad-4 crops and flips,"
+                " so they are not used",
+                stacklevel=2,
+            )
     if len(classes) < 2:
         raise ValueError(f"{source}: one class ({classes[0]}) only; a classifier needs two or more")
     recipe, steps_per_epoch = _recipe(config, n_train, streaming)

@@ -269,8 +269,9 @@ def test_torchvision_resnet50_weights_load_into_v15():
 
 
 def test_cli_models_json(capsys):
-    assert main(["models", "resnet20", "resnet50", "--stride-in", "3x3", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    # --stride-in applies to the ImageNet nets of the whole table and passes the others over...
+    assert main(["models", "--stride-in", "3x3", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["name"] in ("resnet20", "resnet50")]
     assert [r["name"] for r in rows] == ["resnet20", "resnet50"]
     assert rows[0] == {
         "name": "resnet20",
@@ -281,6 +282,14 @@ def test_cli_models_json(capsys):
     }
     assert abs(rows[0]["macs"] / 1e6 - 40.6) < 0.1
     assert abs(rows[1]["macs"] / 1e9 - 4.1) < 0.05
+    # ...and is refused for a net named that cannot take it, as is a plain net's --shortcut.
+    for argv, why in (
+        (["resnet20", "--stride-in", "3x3"], "--stride-in: resnet20 is a CIFAR net"),
+        (["plain20", "--shortcut", "B"], "--shortcut: plain20 is a plain net"),
+    ):
+        assert main(["models", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0]
 
 
 def test_cli_models_table_and_shortcut(capsys):

@@ -768,6 +768,16 @@ def test_sigterm_checkpoints_at_once_and_the_run_resumes_from_there(tiny_folder,
     assert resumed["iteration"] == stopped_at + 2
 
 
+def test_streaming_settings_on_an_in_memory_run_are_named_as_unused(tiny_folder, tmp_path, capsys):
+    base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
+    base += ["--iters", "2", "--batch-size", "16", "--quiet", "--device", "cpu"]
+    assert main([*base, "--lighting", "0.2", "--workers", "3", "--out", str(tmp_path / "a")]) == 0
+    line = one_line(capsys)
+    assert "--lighting, --workers: settings of the streaming path" in line and "not used" in line
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().err.strip() == ""
+
+
 def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, tmp_path, capsys):
     base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
     base += ["--batch-size", "16", "--quiet"]
@@ -795,6 +805,7 @@ def test_train_options_become_the_recipe_and_bad_ones_are_one_line(tiny_folder, 
         (["--scale", "480,256"], "--scale 480,256: must be 0 < LOW <= HIGH"),
         (["--device", "banana"], "--device banana: not a device"),
         (["--crop-size", "100000"], "--crop-size 100000: sizes above 4096 pixels are refused"),
+        (["--model", "plain20", "--shortcut", "B"], "--shortcut: plain20 is a plain net"),
     ]
     if not torch.cuda.is_available():
         bad.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
