@@ -73,21 +73,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     # run keeps its own unless one is given, whatever its value.
     how = {
         k: getattr(args, k)
-        for k in ("device", "workers", "checkpoint_every")
+        for k in ("device", "workers", "checkpoint_every", "compile")
         if getattr(args, k) is not None
     }
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
         # than silently ignored. --lr (after a divergence) may change, and how it runs: the
-        # device, the workers, how often it saves.
+        # device, the workers, how often it saves, whether it compiles (which resumes exactly).
         given = _given_flags(args.command_line)
-        keep = {"resume", "lr", "quiet", "device", "workers", "checkpoint_every"}
+        keep = {"resume", "lr", "quiet", "device", "workers", "checkpoint_every", "compile"}
         changed = [k for k in vars(args) if k in given and k not in keep]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
                 f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
-                " change it (only --lr, --device, --workers and --checkpoint-every can)"
+                " change it (only --lr, --device, --workers, --checkpoint-every and --compile can)"
             )
         config = load_config(args.resume)
         if args.lr is not None:
@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             width=args.width,
             normalize=args.normalize,
             image_size=args.image_size,
-            compile=args.compile,
+            compile=bool(args.compile),
             init=args.init,
             freeze_backbone=args.freeze_backbone,
             augment=args.augment,
@@ -509,7 +509,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "per-channel mean and divide by the per-channel std",
     )
     p.add_argument("--image-size", type=int, help="resize image folders to this square size")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training step (also on --resume: how it runs, not what it learns)",
+    )
     p.add_argument(
         "--init",
         metavar="WEIGHTS",
