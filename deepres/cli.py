@@ -116,7 +116,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             width=args.width,
             normalize=args.normalize,
             image_size=args.image_size,
-            compile=bool(args.compile),
             init=args.init,
             freeze_backbone=args.freeze_backbone,
             augment=args.augment,
