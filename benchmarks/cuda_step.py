@@ -1,10 +1,12 @@
 """Where a CUDA training step of a CIFAR net spends its time: wall time against GPU kernel time.
 
 The step is deepres's on a GPU: channels_last, bf16 autocast, SGD with momentum and weight
-decay, batch 128 of random images already on the device (no data path). Wall time is the mean
-over 100 steps after 30 of warm-up; GPU kernel time is the profiler's total over the kernels of
-10 more steps. Where the wall time is well above the kernel time, the GPU waits for the host to
-launch work. Prints one JSON line per net and the profiler's table of the busiest kernels.
+decay, batch 128 of random images already on the device (no data path), launched kernel by
+kernel (eager) and replayed as one CUDA graph (deepres.train.GraphedStep, what train() runs on
+one GPU), side by side. Wall time is the mean over 100 steps after 30 of warm-up; GPU kernel
+time is the profiler's total over the kernels of 10 more eager steps. Where the wall time is
+well above the kernel time, the GPU waits for the host to launch work. Prints one JSON line per
+net and the profiler's table of the busiest kernels.
 
     python benchmarks/cuda_step.py resnet56 resnet20
 """
@@ -21,10 +23,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from deepres.models import create_model
+from deepres.train import GraphedStep
 
 
 def measure(name: str) -> dict:
-    """Wall and GPU kernel milliseconds per training step of one net."""
+    """Wall and GPU kernel milliseconds per training step of one net, eager and graphed."""
     model = create_model(name).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(128, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -37,14 +40,9 @@ def measure(name: str) -> dict:
         loss.backward()
         opt.step()
 
-    for _ in range(30):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(100):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / 100
+    graphed = GraphedStep(model, opt, bf16=True)
+    wall = timed(step)
+    wall_graphed = timed(lambda: graphed(x, y, 0.1))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             step()
@@ -66,7 +64,22 @@ def measure(name: str) -> dict:
         "gpu_busy": gpu / (wall * 1e3),
         "kernels_per_step": sum(e.count for e in kernels) / 10,
         "images_per_sec": 128 / wall,
+        "graphed_wall_ms": wall_graphed * 1e3,
+        "graphed_images_per_sec": 128 / wall_graphed,
+        "graphed_speedup": wall / wall_graphed,
     }
+
+
+def timed(step) -> float:
+    """Mean seconds a step over 100 after 30 of warm-up."""
+    for _ in range(30):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(100):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 100
 
 
 def main() -> None:

@@ -71,23 +71,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     """deepres train: a new run, or --resume of a stopped one."""
     # How it runs, not what it learns: only the flags given (None when not), so that a resumed
     # run keeps its own unless one is given, whatever its value.
-    how = {
-        k: getattr(args, k)
-        for k in ("device", "workers", "checkpoint_every", "compile")
-        if getattr(args, k) is not None
-    }
+    how_keys = ("device", "workers", "checkpoint_every", "compile", "cuda_graph")
+    how = {k: getattr(args, k) for k in how_keys if getattr(args, k) is not None}
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
         # than silently ignored. --lr (after a divergence) may change, and how it runs: the
         # device, the workers, how often it saves, whether it compiles (which resumes exactly).
         given = _given_flags(args.command_line)
-        keep = {"resume", "lr", "quiet", "device", "workers", "checkpoint_every", "compile"}
+        keep = {"resume", "lr", "quiet", *how_keys}
         changed = [k for k in vars(args) if k in given and k not in keep]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
                 f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
-                " change it (only --lr, --device, --workers, --checkpoint-every and --compile can)"
+                " change it (only --lr, --device, --workers, --checkpoint-every, --compile and"
+                " --cuda-graph can)"
             )
         config = load_config(args.resume)
         if args.lr is not None:
@@ -512,6 +510,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         help="torch.compile the training step (also on --resume: how it runs, not what it learns)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        help="on one GPU without --compile, replay each step as a CUDA graph (default: on; also "
+        "on --resume)",
     )
     p.add_argument(
         "--init",

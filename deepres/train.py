@@ -63,7 +63,7 @@ from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
 from deepres.inference import parse_device
 from deepres.models import Bottleneck, create_model, model_family
-from deepres.provenance import git_commit, git_dirty
+from deepres.provenance import git_commit, git_dirty, machine
 from deepres.recipes import Recipe, default_recipe, get_recipe
 from deepres.report import METRICS, plot_run, read_metrics
 
@@ -95,6 +95,9 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    # The whole step (forward, backward, SGD) replayed as one CUDA graph: on a single GPU
+    # without --compile; how it runs, not what it learns.
+    cuda_graph: bool = True
     shortcut: str | None = None
     # Bottleneck nets: "1x1" is the paper's v1 (the default), "3x3" is v1.5, torchvision's.
     stride_in: str | None = None
@@ -326,6 +329,7 @@ class _Session:
     preprocess: Preprocess
     stream: BatchStream | PhotoStream
     amp: torch.autocast
+    graph: GraphedStep | None
     eval_split: str | None
     eval_images: torch.Tensor | None
     eval_labels: torch.Tensor | None
@@ -508,6 +512,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
                 "git_commit": git_commit(),
                 # True: trained with code that differs from that commit.
                 "git_dirty": git_dirty(),
+                # Where it started: the CPU and its flags, and the GPU where one is in use.
+                "device": _device_name(device),
             }
             write_json(run / CONFIG, saved)
             save_tensors(run / PREPROCESS, saved_statistics)
@@ -540,6 +546,14 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         preprocess=preprocess,
         stream=stream,
         amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+        graph=(
+            GraphedStep(model, optimizer, precision == "bf16")
+            if config.cuda_graph
+            and device.type == "cuda"
+            and world_size == 1
+            and not config.compile
+            else None
+        ),
         eval_split=eval_split,
         eval_images=eval_images,
         eval_labels=eval_labels,
@@ -547,6 +561,13 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         seconds_before=state["seconds"],
         saved_at=state["iteration"] if resume else None,
     )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = machine()
+    return f"{cpu['cpu']} ({' '.join(cpu['cpu_flags'])})"
 
 
 def _check_run_dir(run: Path, resume: bool) -> None:
@@ -619,17 +640,93 @@ class _Window:
 
 
 def _step(s: _Session, iteration: int, lr: float, window: _Window) -> None:
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
     x, y = s.stream.batch(iteration)
-    with s.amp:
-        logits = s.replica(x)
-        loss = F.cross_entropy(logits, y)
-    s.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    s.optimizer.step()
+    if s.graph is not None:
+        loss, logits = s.graph(x, y, lr)
+    else:
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        with s.amp:
+            logits = s.replica(x)
+            loss = F.cross_entropy(logits, y)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
     # Accumulated on the device: no host sync inside a step.
     window.add(loss, logits, y)
+
+
+class GraphedStep:
+    """One training step captured as a CUDA graph and replayed: one launch instead of hundreds.
+
+    A CIFAR net's step is bound by the host launching its kernels one by one (the GPU was 11-20%
+    busy, README); a replay launches them all at once. The learning rate is baked into the
+    captured SGD kernels, so a new one (or a new batch shape) is captured anew: a few times a run.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, bf16: bool):
+        self.model, self.optimizer = model, optimizer
+        # Autocast's cache of cast weights would hold tensors from outside the graph's pool.
+        self.amp = torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the step on (x, y) at lr; the loss and logits, overwritten by the next step."""
+        key = (lr, x.shape, x.stride(), y.shape)
+        if key != self.key:
+            self._capture(x, y, lr)
+            self.key = key
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss, self.logits
+
+    def _forward_backward(self) -> None:
+        with self.amp:
+            self.logits = self.model(self.x)
+            self.loss = F.cross_entropy(self.logits, self.y)
+        self.loss.backward()
+        self.optimizer.step()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.graph is None:
+            self._warm_up(x, y)
+        else:
+            self.graph.reset()
+        self.x, self.y = x.clone(), y.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Capturing records the kernels without running them: the weights stay as they are.
+        with torch.cuda.graph(self.graph):
+            self._forward_backward()
+
+    def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # Capture needs a few eager steps first (cuDNN's algorithm search, lazy state), taken on
+        # a side stream; they would train, so the weights, BN statistics and momentum go back.
+        state = [*self.model.state_dict().values()]
+        saved = [t.clone() for t in state]
+        slots = self.optimizer.state.items()
+        momentum = {p: {k: v.clone() for k, v in s.items()} for p, s in slots}
+        self.x, self.y = x.clone(), y.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._forward_backward()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for t, v in zip(state, saved, strict=True):
+                t.copy_(v)
+            for p, slots in self.optimizer.state.items():
+                for k, t in slots.items():
+                    # With no dampening, a zero buffer steps as SGD's first step does without one.
+                    t.copy_(momentum[p][k]) if p in momentum else t.zero_()
 
 
 def _log(

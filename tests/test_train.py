@@ -417,7 +417,8 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     assert main(["train", "--resume", str(run), "--epochs", "3", "--seed", "5", "--quiet"]) == 2
     assert one_line(capsys).endswith(
         f"{run}: --resume continues the run as it was configured; --epochs, --seed cannot"
-        " change it (only --lr, --device, --workers, --checkpoint-every and --compile can)"
+        " change it (only --lr, --device, --workers, --checkpoint-every, --compile and"
+        " --cuda-graph can)"
     )
     # Given at its default value, a flag is still given: refused, not silently ignored.
     assert main(["train", "--resume", str(run), "--seed=0", "--val-split", "0"]) == 2
@@ -436,19 +437,21 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     assert saves == [12]
 
 
-def test_resume_may_switch_compile_on_or_off(tiny_folder, tmp_path, monkeypatch):
+def test_resume_may_switch_compile_and_cuda_graphs_on_or_off(tiny_folder, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(tiny_folder, run, iters=8, compile=True), stop_at=2, progress=False)
     configs = []
     monkeypatch.setattr(
         "deepres.cli.train", lambda config, **_: configs.append(config) or {"finished": True}
     )
-    for flags in ([], ["--no-compile"], ["--compile"]):
+    for flags in ([], ["--no-compile"], ["--compile"], ["--no-cuda-graph"]):
         assert main(["train", "--resume", str(run), *flags, "--quiet"]) == 0
-    assert [c.compile for c in configs] == [True, False, True]
-    # What a new run gets without the flag.
+    assert [c.compile for c in configs] == [True, False, True, True]
+    assert [c.cuda_graph for c in configs] == [True, True, True, False]
+    # What a new run gets without the flags.
     assert main(["train", "--model", "resnet20", "--data", "D", "--out", "O"]) == 0
     assert configs[-1].compile is False
+    assert configs[-1].cuda_graph is True
 
 
 def record_saves(monkeypatch) -> list[int]:

@@ -1,0 +1,70 @@
+"""The CUDA path: a step replayed as a CUDA graph trains as the step launched kernel by kernel."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from deepres.checkpoint import load_checkpoint, load_tensors
+from deepres.models import create_model
+from deepres.report import read_metrics
+from deepres.train import load_config, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def weights(run) -> dict:
+    return load_tensors(run / "model.safetensors")[0]
+
+
+def momentum(run) -> list[torch.Tensor]:
+    model = create_model("resnet20", num_classes=3, width=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint(run, model, optimizer)
+    return [s["momentum_buffer"] for s in optimizer.state.values()]
+
+
+def replays(monkeypatch) -> list[int]:
+    count = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        count[0] += 1
+        return replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    return count
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_steps_train_as_eager_steps(tiny_folder, tmp_path, monkeypatch, precision):
+    # 12 iterations: the lr falls at 6 and 9, so the step is captured three times.
+    eager = tiny_config(
+        tiny_folder, tmp_path / "eager", device="cuda", precision=precision, cuda_graph=False
+    )
+    graphed = replace(eager, out=str(tmp_path / "graphed"), cuda_graph=True)
+    count = replays(monkeypatch)
+    train(eager, progress=False)
+    assert count[0] == 0
+    train(graphed, progress=False)
+    assert count[0] == 12
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "graphed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    for u, v in zip(momentum(tmp_path / "eager"), momentum(tmp_path / "graphed"), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+    errors = [[m["train_error"] for m in read_metrics(tmp_path / r)] for r in ("eager", "graphed")]
+    assert errors[0] == errors[1]
+
+
+def test_a_graphed_run_resumes_exactly(tiny_folder, tmp_path):
+    whole = tiny_config(tiny_folder, tmp_path / "whole", device="cuda")
+    train(whole, progress=False)
+    stopped = replace(whole, out=str(tmp_path / "stopped"))
+    train(stopped, stop_at=5, progress=False)
+    train(load_config(tmp_path / "stopped"), resume=True, progress=False)
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    b = (tmp_path / "stopped" / "model.safetensors").read_bytes()
+    assert a == b
