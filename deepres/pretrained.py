@@ -161,7 +161,7 @@ def publish(
     if data_path not in NAMED_DATA and "data_source" in saved:  # (older runs lack it)
         folder = str(Path(data_path).parent) + os.sep
         saved["data_source"] = saved["data_source"].replace(folder, "", 1)
-    if saved.get("augment") is None:  # decoded whole, not streamed: cached, so quick again
+    if saved.get("augment") is None and "data_sha256" not in saved:  # decoded whole: cached
         data = locate_data(saved["config"]["data"], data_path)
         image_size = saved["config"]["image_size"]
         saved["data_sha256"] = open_dataset(data, "train", image_size=image_size).fingerprint()
@@ -297,14 +297,28 @@ def restore(record: Path, out: Path, name: str | None = None, root: Path | None 
         raise ValueError(f"{record}: no shipped net was trained by this record ({what})")
     name = name or ours[0]
     shipped = _verified(name, nets[name], root)
-    _copy_files(record, out, RECORD, {n: shipped / n for n in (WEIGHTS, PREPROCESS)})
+    fingerprint = read_config(shipped).get("data_sha256")
+
+    def write(folder: Path) -> None:
+        for n in RECORD:
+            shutil.copyfile(record / n, folder / n)
+        for n in (WEIGHTS, PREPROCESS):
+            shutil.copyfile(shipped / n, folder / n)
+        # A record from before runs kept their data's fingerprint gets the shipped net's, so
+        # that the run still counts where its data lies elsewhere (experiments.same_data).
+        if fingerprint and "data_sha256" not in saved:
+            write_json(folder / CONFIG, {**saved, "data_sha256": fingerprint})
+
+    _swap_in(out, write)
     return name
 
 
 def describe(root: Path | None = None) -> list[str]:
     """One line per shipped net, for `deepres pretrained`."""
+    nets = manifest(root)
+    width = max((len(n) for n in nets), default=0) + 2
     return [
-        f"{n:<20}{e['model']:<12}{e['params']:>11,}  {e['iterations']:>6} iters  "
+        f"{n:<{width}}{e['model']:<12}{e['params']:>11,}  {e['iterations']:>6} iters  "
         f"train error {e['train_error']:.2f}%  {e['stored_as']}  {json.dumps(e['data'])}"
-        for n, e in manifest(root).items()
+        for n, e in nets.items()
     ]

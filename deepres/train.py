@@ -515,6 +515,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
                 # Where it started: the CPU and its flags, and the GPU where one is in use.
                 "device": _device_name(device),
             }
+            if not streaming:
+                # The same images wherever they lie: a copy elsewhere is still this run's data.
+                saved["data_sha256"] = dataset.fingerprint()
             write_json(run / CONFIG, saved)
             save_tensors(run / PREPROCESS, saved_statistics)
             write_text(run / METRICS, "")
@@ -699,6 +702,9 @@ class GraphedStep:
         else:
             self.graph.reset()
         self.x, self.y = x.clone(), y.clone()
+        # The last loss would hold its autograd graph alive, with gradient nodes of another
+        # stream than the capture's (torch warns of the mismatch).
+        self.loss = self.logits = None
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         # Capturing records the kernels without running them: the weights stay as they are.

@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +9,9 @@ from conftest import write_folder
 from matplotlib.figure import Figure
 
 from deepres import train as train_module
+from deepres.checkpoint import read_config
 from deepres.cli import main
+from deepres.data import open_dataset
 from deepres.experiments import degradation, reproduce, responses, shortcuts, table6
 from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
@@ -291,6 +294,36 @@ def test_a_run_with_other_settings_is_not_reused(tiny_folder, tmp_path):
     ctx = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=0, progress=False)
     ensure_run(ctx, ctx.config("resnet20", "resnet20"))
     other = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path, val_split=12, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_run(other, other.config("resnet20", "resnet20"))
+
+
+def test_a_run_trained_on_a_copy_of_the_data_elsewhere_is_reused(tiny_folder, tmp_path):
+    # A run trained on a GPU machine from its own copy of the data, then brought back.
+    copy = tmp_path / "elsewhere" / "colours"
+    shutil.copytree(tiny_folder, copy)
+    there = Context(str(copy), BUDGETS["smoke"], tmp_path / "runs", val_split=0, progress=False)
+    run = ensure_run(there, there.config("resnet20", "resnet20"))
+    assert read_config(run)["data_sha256"] == open_dataset(str(tiny_folder), "train").fingerprint()
+    here = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path / "runs", val_split=0)
+    trained = (run / "model.safetensors").read_bytes()
+    assert ensure_run(here, here.config("resnet20", "resnet20")) == run
+    assert (run / "model.safetensors").read_bytes() == trained
+    # Told by the images, not the name: the copy gone, its fingerprint still counts, ...
+    shutil.rmtree(copy)
+    assert ensure_run(here, here.config("resnet20", "resnet20")) == run
+    # ... and a run that kept none is compared with its data where that is still found.
+    saved = read_config(run)
+    del saved["data_sha256"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_run(here, here.config("resnet20", "resnet20"))
+    shutil.copytree(tiny_folder, copy)
+    assert ensure_run(here, here.config("resnet20", "resnet20")) == run
+    # Other images under the data's own name are other data.
+    changed = tmp_path / "changed" / "colours"
+    write_folder(changed / "train", per_class=24, seed=5)
+    other = Context(str(changed), BUDGETS["smoke"], tmp_path / "runs", val_split=0)
     with pytest.raises(ValueError, match="other settings"):
         ensure_run(other, other.config("resnet20", "resnet20"))
 

@@ -319,9 +319,14 @@ def test_a_lost_run_is_rebuilt_from_the_shipped_net_and_its_record(
         "metrics.jsonl",
         "summary.json",
     ]
+    # A record from before runs kept their data's fingerprint: the shipped net's stands in.
+    saved = json.loads((record / "config.json").read_text())
+    fingerprint = saved.pop("data_sha256")
+    (record / "config.json").write_text(json.dumps(saved))
     out = tmp_path / "runs" / "tiny"
     assert main(["restore", "--record", str(record), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"{out}: the finished run of tiny-colours"
+    assert json.loads((out / "config.json").read_text()) == {**saved, "data_sha256": fingerprint}
     # The run the reports took before the loss, weights and all.
     before, after = run_result(finished_run), run_result(out)
     assert {**after, "run": None} == {**before, "run": None}

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_config
+from deepres.data import open_dataset
+from deepres.data.readers import NAMED_DATA, locate_data
 from deepres.models import count_params, create_model
 from deepres.report import curve, final_training, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
@@ -73,6 +75,7 @@ _HOW_NOT_WHAT = {
     "out",
     "device",
     "compile",
+    "cuda_graph",
     "channels_last",
     "checkpoint_every",
     "log_every",
@@ -81,10 +84,32 @@ _HOW_NOT_WHAT = {
 
 
 def same_run(saved: TrainConfig, config: TrainConfig) -> bool:
-    """Whether a saved run is the run config asks for (precision auto accepts what it became)."""
-    ignored = _HOW_NOT_WHAT | ({"precision"} if config.precision == "auto" else set())
+    """Whether a saved run is the run config asks for (precision auto accepts what it became).
+
+    The data is same_data's question: the same images may lie under another path.
+    """
+    ignored = _HOW_NOT_WHAT | {"data"} | ({"precision"} if config.precision == "auto" else set())
     a, b = asdict(saved), asdict(config)
     return all(a[k] == b[k] for k in a if k not in ignored)
+
+
+def same_data(run: Path, data: str) -> bool:
+    """Whether a saved run trained on data: the same path, or the same decoded images elsewhere.
+
+    A run trained on a copy of the data (on another machine, say) is told by the fingerprint of
+    its images, recorded with the run or taken from its data where that is still found.
+    """
+    saved = read_config(run)
+    given, image_size = saved["config"]["data"], saved["config"]["image_size"]
+    if given == data:
+        return True
+    theirs = saved.get("data_sha256")
+    if theirs is None:
+        where = locate_data(given, saved.get("data_path"))
+        if where not in NAMED_DATA and not Path(where).exists():
+            return False
+        theirs = open_dataset(where, "train", image_size=image_size).fingerprint()
+    return theirs == open_dataset(data, "train", image_size=image_size).fingerprint()
 
 
 class Stopped(KeyboardInterrupt):
@@ -96,7 +121,7 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
     run = Path(config.out)
     if (run / CONFIG).exists():
         saved = load_config(run)
-        if not same_run(saved, config):
+        if not (same_run(saved, config) and same_data(run, config.data)):
             raise ValueError(
                 f"{run}: holds a run with other settings; remove it or choose another --runs"
             )
