@@ -678,10 +678,11 @@ class GraphedStep:
         self, x: torch.Tensor, y: torch.Tensor, lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the step on (x, y) at lr; the loss and logits, overwritten by the next step."""
-        key = (lr, x.shape, x.stride(), y.shape)
-        if key != self.key:
-            self._capture(x, y, lr)
-            self.key = key
+        shapes = (x.shape, x.stride(), y.shape)
+        if (lr, shapes) != self.key:
+            # New shapes would have cuDNN search its algorithms, which a capture cannot do.
+            self._capture(x, y, lr, warm=self.key is None or self.key[1] != shapes)
+            self.key = (lr, shapes)
         self.x.copy_(x)
         self.y.copy_(y)
         self.graph.replay()
@@ -694,13 +695,13 @@ class GraphedStep:
         self.loss.backward()
         self.optimizer.step()
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, lr: float, warm: bool) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.graph is None:
-            self._warm_up(x, y)
-        else:
+        if self.graph is not None:
             self.graph.reset()
+        if warm:
+            self._warm_up(x, y)
         self.x, self.y = x.clone(), y.clone()
         # The last loss would hold its autograd graph alive, with gradient nodes of another
         # stream than the capture's (torch warns of the mismatch).
