@@ -320,6 +320,16 @@ def _by_precision(result: dict) -> dict[str, list[str]]:
     return groups
 
 
+def _by_device(result: dict) -> dict[str, list[str]]:
+    """The runs grouped by where they trained: the device their config.json names, and torch."""
+    groups: dict[str, list[str]] = {}
+    for name, r in result["runs"].items():
+        # Runs from before config.json named the device say only their torch build.
+        where = r.get("device") or "device not recorded"
+        groups.setdefault(f"{where}, torch {r.get('torch') or '?'}", []).append(name)
+    return groups
+
+
 def beside_table6(name: str, run: dict) -> tuple[float | None, float | None, str]:
     """The paper's Table 6 error of a net, our run's gap to it, and the paper's note on it."""
     paper = TABLE6_ERROR.get(name)
@@ -353,7 +363,9 @@ def write_report(result: dict, out: Path) -> Path:
         }[split],
         f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
-        f"- machine: {m['cpu']} ({m['cpu_count']} cores"
+        "- trained on: "
+        + "; ".join(f"{d} ({', '.join(names)})" for d, names in _by_device(result).items()),
+        f"- this report made on: {m['cpu']} ({m['cpu_count']} cores"
         + (f"; {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
         + ")"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")

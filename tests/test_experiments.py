@@ -57,6 +57,11 @@ def check_report(result, out, figures):
     for name, r in saved["runs"].items():
         assert r["precision"] in ("fp32", "bf16")
         assert name in precision_line.split(f"{r['precision']} (")[1].split(")")[0]
+    # And where each trained, as its config.json names it: here, this CPU.
+    trained_on = next(line for line in report.splitlines() if line.startswith("- trained on:"))
+    for name, r in saved["runs"].items():
+        assert r["device"] == read_config(Path(r["run"]))["device"] and r["device"]
+        assert f"{r['device']}, torch {torch.__version__} (" in trained_on and name in trained_on
     assert "JPEG copy" not in report
     return saved
 

@@ -14,7 +14,7 @@ import deepres
 from deepres import pretrained
 from deepres.checkpoint import CHECKPOINT, SUMMARY, WEIGHTS, load_tensors, save_tensors
 from deepres.cli import main
-from deepres.data import DataError
+from deepres.data import DataError, open_dataset
 from deepres.evaluate import evaluate_run
 from deepres.models import count_params
 from deepres.pretrained import _swap_in, manifest, publish, resolve_run, sha256
@@ -116,12 +116,30 @@ def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp
     for name in ("", "..", "../outside", "a/b"):
         with pytest.raises(ValueError, match="a shipped net's name is letters"):
             publish(run, name, "cmd", root=shipped)
-    shutil.rmtree(here)  # its data is gone: no fingerprint, so no publishing over the old net
+    # A run from before runs kept their data's fingerprint, its data gone: no fingerprint, so
+    # no publishing over the old net.
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data_sha256"]
+    (run / "config.json").write_text(json.dumps(saved))
+    shutil.rmtree(here)
     with pytest.raises(DataError, match="colours: no such file or directory"):
         publish(run, "tiny-colours", "other cmd", root=shipped)
     after = {p.name: p.read_bytes() for p in (shipped / "tiny-colours").iterdir()}
     assert after == before and manifest(shipped) == {"tiny-colours": entry}
     assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", "tiny-colours"]
+
+
+def test_a_run_that_kept_its_data_fingerprint_publishes_without_its_data(
+    tiny_folder, shipped, tmp_path
+):
+    # Trained on another machine from a copy of the data, then brought back without it.
+    here = tmp_path / "colours"
+    shutil.copytree(tiny_folder, here)
+    run = tiny_run(here, tmp_path / "run")
+    recorded = json.loads((run / "config.json").read_text())["data_sha256"]
+    shutil.rmtree(here)
+    entry = publish(run, "tiny-colours", "cmd", root=shipped)
+    assert entry["data_sha256"] == recorded == open_dataset(str(tiny_folder)).fingerprint()
 
 
 def test_a_publish_whose_manifest_write_fails_keeps_the_old_net(finished_run, shipped, monkeypatch):

@@ -258,14 +258,15 @@ def test_cli_train_passes_every_flag_to_the_run(monkeypatch, capsys):
         "--init": "resnet20-cifar10", "--augment": "rrc", "--crop-size": "112",
         "--scale": "128,160", "--lighting": "0", "--workers": "1", "--device": "cpu",
     }  # fmt: skip
-    switches = ["--deterministic", "--compile", "--freeze-backbone", "--quiet"]
+    switches = ["--deterministic", "--compile", "--no-cuda-graph", "--freeze-backbone", "--quiet"]
     assert main(["train", *[x for kv in flags.items() for x in kv], *switches]) == 0
     expected = TrainConfig(
         model="resnet32", data="D", out="O", recipe="cifar-warmup", iters=7, batch_size=9,
         lr=0.05, val_split=11, seed=5, eval_every=3, checkpoint_every=4, precision="fp32",
         shortcut="B", stride_in="3x3", width=8, normalize="channel", image_size=24,
         init="resnet20-cifar10", augment="rrc", crop_size=112, scale=[128, 160], lighting=0.0,
-        workers=1, device="cpu", deterministic=True, compile=True, freeze_backbone=True,
+        workers=1, device="cpu", deterministic=True, compile=True, cuda_graph=False,
+        freeze_backbone=True,
     )  # fmt: skip
     assert configs == [expected]
     defaults = TrainConfig(model="resnet32", data="D", out="O")

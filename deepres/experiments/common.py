@@ -164,6 +164,8 @@ def run_result(run: Path) -> dict:
         "seconds": metrics[-1]["seconds"],
         "git_commit": saved.get("git_commit"),
         "git_dirty": saved.get("git_dirty"),
+        "device": saved.get("device"),
+        "torch": saved.get("torch"),
         "curve": curve(metrics, split),
     }
 
