@@ -321,7 +321,7 @@ def test_a_run_trained_on_a_copy_of_the_data_elsewhere_is_reused(tiny_folder, tm
     saved = read_config(run)
     del saved["data_sha256"]
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="holds a run trained on other data"):
         ensure_run(here, here.config("resnet20", "resnet20"))
     shutil.copytree(tiny_folder, copy)
     assert ensure_run(here, here.config("resnet20", "resnet20")) == run
@@ -329,7 +329,7 @@ def test_a_run_trained_on_a_copy_of_the_data_elsewhere_is_reused(tiny_folder, tm
     changed = tmp_path / "changed" / "colours"
     write_folder(changed / "train", per_class=24, seed=5)
     other = Context(str(changed), BUDGETS["smoke"], tmp_path / "runs", val_split=0)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="holds a run trained on other data"):
         ensure_run(other, other.config("resnet20", "resnet20"))
 
 

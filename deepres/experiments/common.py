@@ -103,6 +103,8 @@ def same_data(run: Path, data: str) -> bool:
     given, image_size = saved["config"]["data"], saved["config"]["image_size"]
     if given == data:
         return True
+    if saved.get("augment") is not None:
+        return False  # streamed photos: too many to decode for a fingerprint
     theirs = saved.get("data_sha256")
     if theirs is None:
         where = locate_data(given, saved.get("data_path"))
@@ -121,9 +123,14 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
     run = Path(config.out)
     if (run / CONFIG).exists():
         saved = load_config(run)
-        if not (same_run(saved, config) and same_data(run, config.data)):
+        if not same_run(saved, config):
             raise ValueError(
                 f"{run}: holds a run with other settings; remove it or choose another --runs"
+            )
+        if not same_data(run, config.data):
+            raise ValueError(
+                f"{run}: holds a run trained on other data ({saved.data}); remove it or choose"
+                " another --runs"
             )
         if (run / SUMMARY).exists():
             return run
