@@ -709,7 +709,8 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         # Capturing records the kernels without running them: the weights stay as they are.
-        with torch.cuda.graph(self.graph):
+        # thread_local: the photo loader's pin-memory thread may call CUDA meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._forward_backward()
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
