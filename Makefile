@@ -76,8 +76,9 @@ LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES
 OMP_WAIT ?= PASSIVE
 # torch.compile of the step: 1.05x for ResNet-56 in bf16 on the AVX512-BF16 CPU, ahead in every
 # round (benchmarks/step_variants.py), 1.03-1.06x in fp32 on the AVX2 one; ~45 s to compile at
-# each start. CAMPAIGN_COMPILE= trains eagerly.
-CAMPAIGN_COMPILE ?= --compile
+# each start. CAMPAIGN_COMPILE= trains eagerly. Not on a GPU, where each step replayed as a CUDA
+# graph (which --compile turns off) ran 4.7-5.8x as fast as launched kernel by kernel (README).
+CAMPAIGN_COMPILE ?= $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--compile')")
 campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@pids=""; for lane in $$(seq $(LANES)); do \
