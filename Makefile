@@ -134,7 +134,7 @@ land: restore
 	    --models $${finished#,} --runs $(CAMPAIGN_RUNS) --out docs/results/$$e-$(CAMPAIGN_BUDGET) --quiet || exit 1; \
 	done; \
 	nets=$$($(PY) -c "import json; m = json.load(open('deepres/weights/manifest.json'))['nets']; \
-	  print(' '.join(n for n, e in m.items() if '--budget $(CAMPAIGN_BUDGET) ' in e['command']))") || exit 1; \
+	  print(' '.join(n for n, e in m.items() if '--budget $(CAMPAIGN_BUDGET) ' in e['command'] and '$(notdir $(CIFAR10))' in e['command']))") || exit 1; \
 	for n in $$nets; do \
 	  out=docs/results/table6-$(CAMPAIGN_BUDGET)/eval-$$n-train10k.json; test -f $$out && continue; \
 	  test -d $(EVAL10K)/train || { rm -rf $(EVAL10K).part && \

@@ -253,6 +253,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         command=command,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     out = args.out or f"reports/{args.experiment}-{args.budget}"
     for claim in result["claims"]:
@@ -627,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (the default), cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile each run's training step")
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="on one GPU, launch each step kernel by kernel instead of replaying a CUDA graph",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 

@@ -321,7 +321,7 @@ def _by_precision(result: dict) -> dict[str, list[str]]:
 
 
 def _by_device(result: dict) -> dict[str, list[str]]:
-    """The runs grouped by where they trained: the device their config.json names, and torch."""
+    """The runs grouped by where they started: the device their config.json names, and torch."""
     groups: dict[str, list[str]] = {}
     for name, r in result["runs"].items():
         # Runs from before config.json named the device say only their torch build.
@@ -363,7 +363,7 @@ def write_report(result: dict, out: Path) -> Path:
         }[split],
         f"- budget: `{result['budget']}`, {result['iters']} iterations per net "
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
-        "- trained on: "
+        "- started on: "
         + "; ".join(f"{d} ({', '.join(names)})" for d, names in _by_device(result).items()),
         f"- this report made on: {m['cpu']} ({m['cpu_count']} cores"
         + (f"; {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")

@@ -570,7 +570,8 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = machine()
-    return f"{cpu['cpu']} ({' '.join(cpu['cpu_flags'])})"
+    flags = cpu["cpu_flags"]
+    return f"{cpu['cpu']} ({' '.join(flags)})" if flags else cpu["cpu"]
 
 
 def _check_run_dir(run: Path, resume: bool) -> None:
@@ -710,8 +711,15 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
         # Capturing records the kernels without running them: the weights stay as they are.
         # thread_local: the photo loader's pin-memory thread may call CUDA meanwhile.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._forward_backward()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._forward_backward()
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            raise RuntimeError(
+                f"capturing the training step as a CUDA graph failed ({first}); --no-cuda-graph "
+                "launches it kernel by kernel"
+            ) from error
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Capture needs a few eager steps first (cuDNN's algorithm search, lazy state), taken on

@@ -59,12 +59,14 @@ def test_graphed_steps_train_as_eager_steps(tiny_folder, tmp_path, monkeypatch, 
     assert errors[0] == errors[1]
 
 
-def test_a_graphed_run_resumes_exactly(tiny_folder, tmp_path):
+def test_a_graphed_run_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    count = replays(monkeypatch)
     whole = tiny_config(tiny_folder, tmp_path / "whole", device="cuda")
     train(whole, progress=False)
     stopped = replace(whole, out=str(tmp_path / "stopped"))
     train(stopped, stop_at=5, progress=False)
     train(load_config(tmp_path / "stopped"), resume=True, progress=False)
+    assert count[0] == 12 + 5 + 7
     a = (tmp_path / "whole" / "model.safetensors").read_bytes()
     b = (tmp_path / "stopped" / "model.safetensors").read_bytes()
     assert a == b

@@ -57,8 +57,8 @@ def check_report(result, out, figures):
     for name, r in saved["runs"].items():
         assert r["precision"] in ("fp32", "bf16")
         assert name in precision_line.split(f"{r['precision']} (")[1].split(")")[0]
-    # And where each trained, as its config.json names it: here, this CPU.
-    trained_on = next(line for line in report.splitlines() if line.startswith("- trained on:"))
+    # And where each started, as its config.json names it: here, this CPU.
+    trained_on = next(line for line in report.splitlines() if line.startswith("- started on:"))
     for name, r in saved["runs"].items():
         assert r["device"] == read_config(Path(r["run"]))["device"] and r["device"]
         assert f"{r['device']}, torch {torch.__version__} (" in trained_on and name in trained_on
@@ -319,18 +319,42 @@ def test_a_run_trained_on_a_copy_of_the_data_elsewhere_is_reused(tiny_folder, tm
     assert ensure_run(here, here.config("resnet20", "resnet20")) == run
     # ... and a run that kept none is compared with its data where that is still found.
     saved = read_config(run)
-    del saved["data_sha256"]
+    fingerprint = saved.pop("data_sha256")
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="holds a run trained on other data"):
+    with pytest.raises(ValueError, match="which is not here to compare with"):
         ensure_run(here, here.config("resnet20", "resnet20"))
     shutil.copytree(tiny_folder, copy)
     assert ensure_run(here, here.config("resnet20", "resnet20")) == run
-    # Other images under the data's own name are other data.
+    # Other images under the data's own name are other data, under its very path too.
     changed = tmp_path / "changed" / "colours"
     write_folder(changed / "train", per_class=24, seed=5)
     other = Context(str(changed), BUDGETS["smoke"], tmp_path / "runs", val_split=0)
     with pytest.raises(ValueError, match="holds a run trained on other data"):
         ensure_run(other, other.config("resnet20", "resnet20"))
+    (run / "config.json").write_text(json.dumps({**saved, "data_sha256": fingerprint}))
+    shutil.rmtree(copy)
+    shutil.copytree(changed, copy)
+    with pytest.raises(ValueError, match="holds a run trained on other data"):
+        ensure_run(there, there.config("resnet20", "resnet20"))
+
+
+def test_a_run_stopped_elsewhere_resumes_here_on_this_copy_of_the_data(
+    tiny_folder, tmp_path, monkeypatch
+):
+    copy = tmp_path / "elsewhere" / "colours"
+    shutil.copytree(tiny_folder, copy)
+    there = Context(str(copy), BUDGETS["smoke"], tmp_path / "runs", val_split=0, progress=False)
+    config = there.config("resnet20", "resnet20")
+    train(config, stop_at=2, progress=False)
+    shutil.rmtree(copy)
+    here = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path / "runs", val_split=0)
+    run = ensure_run(here, here.config("resnet20", "resnet20"))
+    assert read_metrics(run)[-1]["iteration"] == BUDGETS["smoke"].iters
+    # The same as a run trained here from the start.
+    whole = Context(str(tiny_folder), BUDGETS["smoke"], tmp_path / "whole", val_split=0)
+    ensure_run(whole, whole.config("resnet20", "resnet20"))
+    a = (run / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "whole" / "resnet20" / "model.safetensors").read_bytes()
 
 
 def test_a_run_with_an_old_config_json_is_resumed_with_the_new_defaults(tiny_folder, tmp_path):
@@ -461,3 +485,21 @@ def test_reproduce_compile_compiles_new_and_resumed_runs(tiny_folder, tmp_path, 
     # config.json records how each run started.
     assert load_config(runs / "plain20").compile and not load_config(runs / "resnet20").compile
     assert json.loads((runs / "resnet20" / "summary.json").read_text())["iteration"] == 4
+
+
+def test_reproduce_no_cuda_graph_reaches_new_and_resumed_runs(tiny_folder, tmp_path, monkeypatch):
+    trained = []
+    real = train_module.train
+    monkeypatch.setattr(
+        "deepres.experiments.common.train", lambda c, **kw: trained.append(c) or real(c, **kw)
+    )
+    runs = tmp_path / "r"
+    ctx = Context(str(tiny_folder), BUDGETS["smoke"], runs, val_split=0, progress=False)
+    train(ctx.config("resnet20", "resnet20"), stop_at=2, progress=False)
+    args = ["reproduce", "degradation", "--data", str(tiny_folder), "--budget", "smoke"]
+    args += ["--models", "resnet20,plain20", "--runs", str(runs), "--out", str(tmp_path / "o")]
+    assert main([*args, "--quiet", "--no-cuda-graph"]) == 0
+    assert [(c.model, c.cuda_graph) for c in trained] == [("resnet20", False), ("plain20", False)]
+    trained.clear()
+    assert main([*args, "--quiet", "--out", str(tmp_path / "o2")]) == 0
+    assert trained == []  # both finished: reused

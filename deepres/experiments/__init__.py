@@ -32,6 +32,7 @@ def reproduce(
     progress: bool = True,
     command: str = "",
     compile: bool = False,
+    cuda_graph: bool = True,
 ) -> dict:
     """Run one experiment (training or reusing its runs) and write DIR/report.md and friends."""
     if experiment not in EXPERIMENTS:
@@ -52,6 +53,7 @@ def reproduce(
         device=device,
         progress=progress,
         compile=compile,
+        cuda_graph=cuda_graph,
     )
     # Read before training: the commit of the code this process runs, not of a later checkout.
     where = machine()

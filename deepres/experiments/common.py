@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deepres.checkpoint import CHECKPOINT, CONFIG, read_config
 from deepres.data import open_dataset
-from deepres.data.readers import NAMED_DATA, locate_data
+from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
 from deepres.report import curve, final_training, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
@@ -49,6 +49,8 @@ class Context:
     progress: bool = True
     # torch.compile each run's training step: how it trains, not what (a resume may differ).
     compile: bool = False
+    # On one GPU, each step replayed as a CUDA graph (train's default); likewise how, not what.
+    cuda_graph: bool = True
 
     def config(self, name: str, model: str, **options) -> TrainConfig:
         """The TrainConfig of one run of this experiment."""
@@ -65,6 +67,7 @@ class Context:
             checkpoint_every=self.budget.checkpoint_every,
             device=self.device,
             compile=self.compile,
+            cuda_graph=self.cuda_graph,
             **options,
         )
 
@@ -94,22 +97,26 @@ def same_run(saved: TrainConfig, config: TrainConfig) -> bool:
 
 
 def same_data(run: Path, data: str) -> bool:
-    """Whether a saved run trained on data: the same path, or the same decoded images elsewhere.
+    """Whether a saved run trained on data: the same images, wherever either copy lies.
 
-    A run trained on a copy of the data (on another machine, say) is told by the fingerprint of
-    its images, recorded with the run or taken from its data where that is still found.
+    Told by the fingerprint of the decoded images where the run recorded one, or where its data
+    is still found to take one; a run that streamed photos, by the data's absolute path.
     """
     saved = read_config(run)
     given, image_size = saved["config"]["data"], saved["config"]["image_size"]
-    if given == data:
-        return True
+    recorded_path = saved.get("data_path") or absolute_data(given)
     if saved.get("augment") is not None:
-        return False  # streamed photos: too many to decode for a fingerprint
+        return recorded_path == absolute_data(data)  # too many photos to decode for a fingerprint
     theirs = saved.get("data_sha256")
     if theirs is None:
-        where = locate_data(given, saved.get("data_path"))
+        if recorded_path == absolute_data(data):
+            return True
+        where = locate_data(given, recorded_path)
         if where not in NAMED_DATA and not Path(where).exists():
-            return False
+            raise ValueError(
+                f"{run}: trained on {given}, which is not here to compare with {data} (the run"
+                " recorded no fingerprint of its images); remove it or choose another --runs"
+            )
         theirs = open_dataset(where, "train", image_size=image_size).fingerprint()
     return theirs == open_dataset(data, "train", image_size=image_size).fingerprint()
 
@@ -136,9 +143,11 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
             return run
         if not (run / CHECKPOINT).exists():
             raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
-        # How often it saves and whether it compiles are today's, not those it started with.
+        # How it runs is today's, not what it started with: where it saves, whether it compiles
+        # or replays CUDA graphs, the device, and the data's path (the same images, checked).
+        today = {k: getattr(config, k) for k in ("checkpoint_every", "compile", "cuda_graph")}
         summary = train(
-            replace(saved, checkpoint_every=config.checkpoint_every, compile=config.compile),
+            replace(saved, data=config.data, device=config.device, **today),
             resume=True,
             progress=ctx.progress,
         )
