@@ -319,6 +319,7 @@ def describe(root: Path | None = None) -> list[str]:
     width = max((len(n) for n in nets), default=0) + 2
     return [
         f"{n:<{width}}{e['model']:<12}{e['params']:>11,}  {e['iterations']:>6} iters  "
-        f"train error {e['train_error']:.2f}%  {e['stored_as']}  {json.dumps(e['data'])}"
+        f"train error {e['train_error']:.2f}%  {e.get('precision', 'fp32')}-trained, stored "
+        f"{e['stored_as']}  {json.dumps(e['data'])}"
         for n, e in nets.items()
     ]

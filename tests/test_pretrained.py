@@ -223,7 +223,10 @@ def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path,
     assert main(["publish", str(finished_run), "tiny-colours", "--command", "make it"]) == 0
     assert json.loads(capsys.readouterr().out)["command"] == "make it"
     assert main(["pretrained"]) == 0
-    assert capsys.readouterr().out.startswith("tiny-colours")
+    listed = capsys.readouterr().out
+    assert listed.startswith("tiny-colours")
+    precision = json.loads((finished_run / "config.json").read_text())["config"]["precision"]
+    assert f"{precision}-trained, stored fp32" in listed
     image = tmp_path / "red.png"
     Image.new("RGB", (12, 12), (200, 30, 30)).save(image)
     assert main(["predict", "tiny-colours", str(image)]) == 0
