@@ -132,6 +132,8 @@ def run_status(run: Path) -> dict:
         "lr": last.get("lr"),
         # Saved resolved ("auto" became fp32 or bf16 when the run started).
         "precision": saved["config"].get("precision"),
+        # Where it started (runs from before config.json named it: None).
+        "device": saved.get("device"),
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,
         "hours_left": left,

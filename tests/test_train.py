@@ -25,7 +25,7 @@ from deepres.data import open_dataset
 from deepres.data.loader import split_train_val
 from deepres.evaluate import error_rates
 from deepres.models import create_model
-from deepres.provenance import git_dirty
+from deepres.provenance import git_dirty, machine
 from deepres.recipes import RECIPES, default_recipe, get_recipe
 from deepres.report import find_runs, read_metrics, run_status
 from deepres.train import Diverged, TrainConfig, load_config, resolve_precision, train
@@ -630,6 +630,9 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert (now["iteration"], now["iters"], now["finished"]) == (3, 8, False)
     assert now["train_error"] == last["train_error"] and now["hours"] > 0
     assert now["lr"] == last["lr"] == 0.1
+    # Where it started, as config.json names it: this CPU.
+    assert now["device"] == json.loads((stopped / "config.json").read_text())["device"]
+    assert now["device"].startswith(machine()["cpu"])
     assert now["hours_left"] == pytest.approx(5 * 16 / last["images_per_sec"] / 3600)
     # Over several windows the speed is time-weighted: windows of 100 and 300 images/s, 150.
     windows = [{**last, "images_per_sec": speed} for speed in (100.0, 300.0)]
