@@ -332,6 +332,16 @@ def _by_device(result: dict) -> dict[str, list[str]]:
     return groups
 
 
+def _moved_line(result: dict) -> list[str]:
+    """The report's line on runs resumed on another device, or none where no run was."""
+    moved = [
+        f"{name} on {m['device']} from iteration {m['iteration']:,}"
+        for name, r in result["runs"].items()
+        for m in r.get("moved", [])
+    ]
+    return ["- resumed on another device: " + "; ".join(moved)] if moved else []
+
+
 def beside_table6(name: str, run: dict) -> tuple[float | None, float | None, str]:
     """The paper's Table 6 error of a net, our run's gap to it, and the paper's note on it."""
     paper = TABLE6_ERROR.get(name)
@@ -367,6 +377,7 @@ def write_report(result: dict, out: Path) -> Path:
         f"(the paper: 64,000); the paper's recipe, milestones scaled in proportion",
         "- started on: "
         + "; ".join(f"{d} ({', '.join(names)})" for d, names in _by_device(result).items()),
+        *_moved_line(result),
         f"- this report made on: {m['cpu']} ({m['cpu_count']} cores"
         + (f"; {', '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
         + ")"

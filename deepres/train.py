@@ -483,6 +483,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         if main:
             _truncate_metrics(run / METRICS, state["iteration"])
             _record_lr(run, config, state["iteration"])
+            _record_resume(run, state["iteration"], device)
     else:
         state = {
             "iteration": 0,
@@ -902,6 +903,22 @@ def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
     saved["config"]["lr"] = config.lr
     saved["recipe"]["lr"] = config.lr
     saved.setdefault("lr_changes", []).append({"iteration": iteration, "lr": config.lr})
+    write_json(run / CONFIG, saved)
+
+
+def _record_resume(run: Path, iteration: int, device: torch.device) -> None:
+    # A run may go on on another machine, device, torch or code: config.json keeps where each
+    # stretch after the first trained, so its numbers can say so.
+    saved = read_json(run / CONFIG)
+    saved.setdefault("resumed", []).append(
+        {
+            "iteration": iteration,
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "git_commit": git_commit(),
+            "git_dirty": git_dirty(),
+        }
+    )
     write_json(run / CONFIG, saved)
 
 

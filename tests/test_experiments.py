@@ -73,9 +73,24 @@ def test_degradation_smoke_and_reuse(tiny_folder, tmp_path):
     claims = [c["claim"] for c in saved["claims"]]
     assert any("plain32 trains to a higher training error than plain20" in c for c in claims)
     assert any("its plain twin plain32" in c for c in claims)
+    report = (tmp_path / "degradation" / "report.md").read_text()
+    assert "- resumed on another device:" not in report
     # Its runs are ordinary runs: reused as they are by the next experiment.
     before = (tmp_path / "runs" / "resnet20" / "model.safetensors").stat().st_mtime_ns
+    # One resumed here and then on a GPU (config.json's record): the report names the move.
+    config = tmp_path / "runs" / "resnet20" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["resumed"] = [
+        {"iteration": 2, "device": saved["device"]},
+        {"iteration": 3, "device": "NVIDIA H200"},
+        {"iteration": 4, "device": "NVIDIA H200"},
+    ]
+    config.write_text(json.dumps(saved))
     again = smoke(tiny_folder, tmp_path, "table6", ["resnet20", "resnet32"])
+    assert again["runs"]["resnet20"]["moved"] == [{"iteration": 3, "device": "NVIDIA H200"}]
+    assert again["runs"]["resnet32"]["moved"] == []
+    report = (tmp_path / "table6" / "report.md").read_text()
+    assert "- resumed on another device: resnet20 on NVIDIA H200 from iteration 3\n" in report
     assert (tmp_path / "runs" / "resnet20" / "model.safetensors").stat().st_mtime_ns == before
     assert again["runs"]["resnet20"]["test_error"] == result["runs"]["resnet20"]["test_error"]
     table = {row["model"]: row for row in again["table"]}

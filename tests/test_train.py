@@ -51,6 +51,13 @@ def test_resumed_run_ends_with_exactly_the_same_weights(tiny_folder, tmp_path):
         read_metrics(tmp_path / "stopped")
     )
     assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["finished"]
+    # config.json keeps where each resumed stretch trained; a run never resumed has no list.
+    saved = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    assert [r["iteration"] for r in saved["resumed"]] == [5, 9]
+    for r in saved["resumed"]:
+        assert r["device"] == saved["device"] and r["torch"] == torch.__version__
+        assert "git_commit" in r and "git_dirty" in r
+    assert "resumed" not in json.loads((tmp_path / "whole" / "config.json").read_text())
 
 
 def test_a_half_written_last_metrics_line_is_dropped_on_resume(tiny_folder, tmp_path):

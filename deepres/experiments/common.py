@@ -182,8 +182,19 @@ def run_result(run: Path) -> dict:
         "git_dirty": saved.get("git_dirty"),
         "device": saved.get("device"),
         "torch": saved.get("torch"),
+        "moved": moves(saved),
         "curve": curve(metrics, split),
     }
+
+
+def moves(saved: dict) -> list[dict]:
+    """The resumes of a run (its config.json) that went on on another device than before."""
+    where, found = saved.get("device"), []
+    for resume in saved.get("resumed", []):
+        if resume["device"] != where:
+            found.append({"iteration": resume["iteration"], "device": resume["device"]})
+        where = resume["device"]
+    return found
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:
