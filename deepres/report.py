@@ -96,6 +96,16 @@ def block_table(rows: list[dict]) -> tuple[list[str], list[tuple[tuple[int, int]
     return names, [(span, [e.get(n) for n in names]) for span, e in sorted(errors.items())]
 
 
+def moves(saved: dict) -> list[dict]:
+    """The resumes of a run (its config.json) that went on on another device than before."""
+    where, found = saved.get("device"), []
+    for resume in saved.get("resumed", []):
+        if resume["device"] != where:
+            found.append({"iteration": resume["iteration"], "device": resume["device"]})
+        where = resume["device"]
+    return found
+
+
 def run_status(run: Path) -> dict:
     """Where a run stands: the iteration it would resume from, its training error (as the
     reports take it) and learning rate, its hours so far and, at its recent speed, the hours
@@ -132,8 +142,9 @@ def run_status(run: Path) -> dict:
         "lr": last.get("lr"),
         # Saved resolved ("auto" became fp32 or bf16 when the run started).
         "precision": saved["config"].get("precision"),
-        # Where it started (runs from before config.json named it: None).
+        # Where it started (runs from before config.json named it: None), and where it went on.
         "device": saved.get("device"),
+        "moved": moves(saved),
         "hours": state.get("seconds", 0.0) / 3600,
         "images_per_sec": speed,
         "hours_left": left,

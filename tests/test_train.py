@@ -640,6 +640,11 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     # Where it started, as config.json names it: this CPU.
     assert now["device"] == json.loads((stopped / "config.json").read_text())["device"]
     assert now["device"].startswith(machine()["cpu"])
+    assert now["moved"] == []
+    resumed = json.loads((stopped / "config.json").read_text())
+    resumed["resumed"] = [{"iteration": 3, "device": "NVIDIA H200"}]
+    (stopped / "config.json").write_text(json.dumps(resumed))
+    assert run_status(stopped)["moved"] == [{"iteration": 3, "device": "NVIDIA H200"}]
     assert now["hours_left"] == pytest.approx(5 * 16 / last["images_per_sec"] / 3600)
     # Over several windows the speed is time-weighted: windows of 100 and 300 images/s, 150.
     windows = [{**last, "images_per_sec": speed} for speed in (100.0, 300.0)]

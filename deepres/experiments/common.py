@@ -9,7 +9,7 @@ from deepres.checkpoint import CHECKPOINT, CONFIG, read_config
 from deepres.data import open_dataset
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
-from deepres.report import curve, final_training, read_metrics
+from deepres.report import curve, final_training, moves, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
 
 
@@ -185,16 +185,6 @@ def run_result(run: Path) -> dict:
         "moved": moves(saved),
         "curve": curve(metrics, split),
     }
-
-
-def moves(saved: dict) -> list[dict]:
-    """The resumes of a run (its config.json) that went on on another device than before."""
-    where, found = saved.get("device"), []
-    for resume in saved.get("resumed", []):
-        if resume["device"] != where:
-            found.append({"iteration": resume["iteration"], "device": resume["device"]})
-        where = resume["device"]
-    return found
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:
