@@ -16,7 +16,7 @@ from deepres.experiments import degradation, reproduce, responses, shortcuts, ta
 from deepres.experiments.common import BUDGETS, Context, ensure_run
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
-from deepres.report import final_training, read_metrics, write_report
+from deepres.report import final_training, paper_ylim, read_metrics, write_report
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -518,3 +518,14 @@ def test_reproduce_no_cuda_graph_reaches_new_and_resumed_runs(tiny_folder, tmp_p
     trained.clear()
     assert main([*args, "--quiet", "--out", str(tmp_path / "o2")]) == 0
     assert trained == []  # both finished: reused
+
+
+def test_fig6_axis_is_the_paper_s_where_every_curve_ends_inside_it():
+    def ending(train, held_out=None):
+        return {"train_error": [80.0, train], "eval_error": [held_out] if held_out else []}
+
+    assert paper_ylim([ending(5.7), ending(0.2)]) == (0.0, 20.0)
+    # An error that ends high (a short budget) keeps matplotlib's own range, held-out ones too.
+    assert paper_ylim([ending(5.7), ending(25.0)]) is None
+    assert paper_ylim([ending(5.7, held_out=31.0)]) is None
+    assert paper_ylim([{"train_error": [], "eval_error": []}]) is None
