@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from deepres.checkpoint import load_checkpoint, load_tensors
+from deepres.checkpoint import load_checkpoint, load_tensors, read_config
 from deepres.models import create_model
-from deepres.report import read_metrics
+from deepres.report import moves, read_metrics
 from deepres.train import load_config, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,3 +70,18 @@ def test_a_graphed_run_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     a = (tmp_path / "whole" / "model.safetensors").read_bytes()
     b = (tmp_path / "stopped" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_a_run_moves_from_the_cpu_to_the_gpu_and_back(tiny_folder, tmp_path):
+    # As session 12's campaign runs did: a CPU checkpoint goes on on the GPU, and back.
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, device="cpu"), stop_at=4, progress=False)
+    train(replace(load_config(run), device="cuda"), resume=True, stop_at=8, progress=False)
+    summary = train(replace(load_config(run), device="cpu"), resume=True, progress=False)
+    assert summary["finished"] and summary["iteration"] == 12
+    assert [m["iteration"] for m in read_metrics(run)] == [2, 4, 6, 8, 10, 12]
+    saved = read_config(run)
+    assert moves(saved) == [
+        {"iteration": 4, "device": torch.cuda.get_device_name()},
+        {"iteration": 8, "device": saved["device"]},
+    ]
