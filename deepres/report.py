@@ -308,9 +308,13 @@ def _figures(result: dict, out: Path) -> list[str]:
         files.append(_save(fig, out / f"{experiment}.png"))
     if experiment == "responses":
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7))
-        for name, stds in result["responses"].items():
-            top.plot(range(1, len(stds) + 1), stds, marker=".", label=name)
-            bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), marker=".", label=name)
+        # Plain nets dashed, ResNets solid, each family by depth.
+        order = sorted(result["responses"], key=lambda n: (not n.startswith("plain"), _depth(n)))
+        for name in order:
+            stds, style = result["responses"][name], "--" if name.startswith("plain") else "-"
+            layers = range(1, len(stds) + 1)
+            top.plot(layers, stds, style, marker=".", label=name)
+            bottom.plot(layers, sorted(stds, reverse=True), style, marker=".", label=name)
         top.set_xlabel("layer index (original)")
         bottom.set_xlabel("layer index (sorted by magnitude)")
         for ax in (top, bottom):
