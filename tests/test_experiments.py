@@ -529,3 +529,37 @@ def test_fig6_axis_is_the_paper_s_where_every_curve_ends_inside_it():
     assert paper_ylim([ending(5.7), ending(25.0)]) is None
     assert paper_ylim([ending(5.7, held_out=31.0)]) is None
     assert paper_ylim([{"train_error": [], "eval_error": []}]) is None
+
+
+def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from deepres import report
+
+    names = ["resnet110", "plain56", "resnet20", "plain20", "resnet56"]
+    curve = {"iteration": [1, 2], "train_error": [50.0, 40.0], "eval_iteration": []}
+    result = {
+        "experiment": "degradation",
+        "budget": "smoke",
+        "val_split": 0,
+        "runs": {n: {"curve": curve, "eval_split": None} for n in names},
+        "responses": {n: [1.0, 0.5] for n in names},
+    }
+    drawn = []
+    monkeypatch.setattr(report, "plot_curves", lambda ax, curve, name: drawn.append(name))
+    report._figures(result, tmp_path)
+    # Each panel by depth; ResNet-110 again in the panel beside ResNet-1202's.
+    assert drawn == ["plain20", "plain56", "resnet20", "resnet56", "resnet110", "resnet110"]
+
+    styles = []
+    plot = Axes.plot
+
+    def recorded(ax, *args, **kwargs):
+        styles.append((kwargs["label"], args[2]))
+        return plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recorded)
+    report._figures({**result, "experiment": "responses"}, tmp_path)
+    top = styles[::2]
+    assert [n for n, _ in top] == ["plain20", "plain56", "resnet20", "resnet56", "resnet110"]
+    assert [s for _, s in top] == ["--", "--", "-", "-", "-"]
