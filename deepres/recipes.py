@@ -20,7 +20,9 @@ class Recipe:
     milestones: tuple[int, ...] = (32_000, 48_000)
     gamma: float = 0.1
     # ResNet-110: lr 0.1 is too large to start converging, so use warmup_lr until the
-    # training error drops below warmup_until_error (about 400 iterations), then lr.
+    # training error drops below warmup_until_error (about 400 iterations), then lr. The
+    # warm-up caps the schedule rather than replacing it: a run still warming up at a
+    # milestone steps down with it, and an --lr below warmup_lr holds from the start.
     warmup_lr: float | None = None
     warmup_until_error: float = 0.80
     augment: bool = True
@@ -35,9 +37,10 @@ class Recipe:
 
     def lr_at(self, iteration: int, warming_up: bool) -> float:
         """Learning rate of the given iteration."""
+        lr = self.lr * self.gamma ** sum(iteration >= m for m in self.milestones)
         if warming_up and self.warmup_lr is not None:
-            return self.warmup_lr
-        return self.lr * self.gamma ** sum(iteration >= m for m in self.milestones)
+            return min(lr, self.warmup_lr)
+        return lr
 
     def to_dict(self) -> dict:
         """A JSON-ready copy."""

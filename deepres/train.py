@@ -818,9 +818,12 @@ def _diverged(s: _Session, iteration: int, what: str) -> Diverged:
     if s.saved_at is None:
         kept = f"no checkpoint was saved: remove {run} and start again with a lower --lr"
     else:
+        # --lr sets the schedule's base rate; a milestone or the warm-up may have lowered it.
+        rate = s.recipe.lr_at(iteration, s.state["warming_up"])
+        was = f"{s.recipe.lr:g}" + (f", {rate:g} at this iteration" if rate != s.recipe.lr else "")
         kept = (
             f"{run / CHECKPOINT} keeps iteration {s.saved_at}, the last finite state: "
-            f"deepres train --resume {run} --lr LOWER (it was {s.recipe.lr:g})"
+            f"deepres train --resume {run} --lr LOWER (it was {was})"
         )
     return Diverged(
         f"{run}: training diverged at iteration {iteration}: {what} is not finite "

@@ -139,11 +139,13 @@ def test_warmup_recipe_holds_lr_low_until_training_error_below_80(
     train(load_config(tmp_path / "w"), resume=True, progress=False)
     lrs = [m["lr"] for m in read_metrics(tmp_path / "w")]
     assert lrs[:4] == [0.01, 0.1, 0.1, 0.1] and lrs[4] == pytest.approx(0.01)
-    # With an error threshold never reached, the run stays at the warm-up lr throughout.
+    # With an error threshold never reached, the run stays at the warm-up lr until the
+    # schedule falls below it: the second milestone (12) still divides it by 10.
     never = replace(RECIPES["cifar-warmup"], warmup_until_error=0.0)
     monkeypatch.setitem(RECIPES, "cifar-warmup", never)
     train(replace(config, out=str(tmp_path / "never")), progress=False)
-    assert {m["lr"] for m in read_metrics(tmp_path / "never")} == {0.01}
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "never")]
+    assert lrs == pytest.approx([0.01] * 6 + [0.001] * 2)
 
 
 def test_recipes_are_the_papers():
@@ -156,6 +158,12 @@ def test_recipes_are_the_papers():
     assert cifar.scaled(6400).milestones == (3200, 4800)
     warm = RECIPES["cifar-warmup"]
     assert warm.lr_at(10, warming_up=True) == 0.01 and warm.lr_at(10, warming_up=False) == 0.1
+    # The warm-up caps the schedule: milestones still divide a run that is warming up, and an
+    # --lr below the warm-up's holds from the first iteration.
+    assert [warm.lr_at(i, True) for i in (31_999, 32_000, 48_000)] == pytest.approx(
+        [0.01, 0.01, 0.001]
+    )
+    assert replace(warm, lr=0.001).lr_at(0, warming_up=True) == pytest.approx(0.001)
     assert default_recipe("resnet110") == "cifar-warmup" and default_recipe("resnet56") == "cifar"
     # The warm-up is CIFAR's (Sec. 4.2): ImageNet's deep nets on the in-memory path start at 0.1.
     assert default_recipe("plain110") == "cifar-warmup" and default_recipe("resnet152") == "cifar"
@@ -480,6 +488,7 @@ def test_divergence_stops_keeps_the_finite_checkpoint_and_resumes_with_a_new_lr(
     assert f"{run}: training diverged at iteration" in line
     assert "train loss nan" in line or "train loss inf" in line
     assert "keeps iteration 4" in line
+    assert line.endswith("--lr LOWER (it was 1e+09, 1e+08 at this iteration)")
     # The checkpoint and weights of iteration 4 are kept as they were, and finite.
     assert files(run)[CHECKPOINT] == before[CHECKPOINT]
     assert files(run)["model.safetensors"] == before["model.safetensors"]
