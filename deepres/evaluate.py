@@ -17,9 +17,17 @@ from torch import nn
 from tqdm import tqdm
 
 from deepres.checkpoint import read_config
-from deepres.data import available_splits, open_dataset
+from deepres.data import DataError, available_splits, open_dataset
 from deepres.data.loader import Preprocess, split_train_val
-from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, read_full_size
+from deepres.data.readers import (
+    NAMED_DATA,
+    ImageFolderSplit,
+    MixedSizes,
+    absolute_data,
+    list_image_folder,
+    locate_data,
+    read_full_size,
+)
 from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
 from deepres.inference import load, parse_device
 from deepres.models import model_family
@@ -282,7 +290,13 @@ def evaluate_run(
         )
         result = error_rates(probs, index[labels])
         return {**record, **views.settings(), **result, "classes": classifier.classes}
-    dataset = open_dataset(data, read_split, image_size=config["image_size"])
+    try:
+        dataset = open_dataset(data, read_split, image_size=config["image_size"])
+    except MixedSizes as error:
+        raise DataError(
+            f"{error.sizes}: the single view needs images of the net's size; "
+            "--protocol center or 10crop resizes and crops each one"
+        ) from None
     images, labels = dataset.images, dataset.labels
     if keep is not None:
         index = keep(len(labels))
@@ -318,17 +332,47 @@ def _test_split(run: str | Path, saved: dict, data: str, given: bool, shards: bo
         trained_on = saved.get("data_path") or absolute_data(saved["config"]["data"])
         own = bool(shard_files(data) & shard_files(trained_on))
     else:
-        dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
-        fingerprint = saved.get("data_sha256")
-        own = dataset.source == saved.get("data_source") or (
-            fingerprint and dataset.fingerprint() == fingerprint
-        )
+        own = _trained_on(data, saved)
     if own:
         raise ValueError(
             f"{data}: the data {run} was trained on, with no test split; give held-out "
             "images, or --split val for a run trained with --val-split"
         )
     return "all"
+
+
+def _trained_on(data: str, saved: dict) -> bool:
+    """Whether one-split data is the data a run trained on, decoding it only where that tells."""
+    listing = list_image_folder(data, "train")
+    if listing is not None and (
+        listing.source == saved.get("data_source") or _same_files(listing, saved)
+    ):
+        return True
+    fingerprint = saved.get("data_sha256")
+    if listing is not None and not fingerprint:
+        return False  # a streamed run: its photos are known by where they lay, not by pixels
+    try:
+        dataset = open_dataset(data, "train", image_size=saved["config"]["image_size"])
+    except DataError:
+        # The run's data decoded whole at this image size; data that does not is other data
+        # (photos of many sizes, say), and the evaluation reads it its own way.
+        return False
+    return dataset.source == saved.get("data_source") or dataset.fingerprint() == fingerprint
+
+
+def _same_files(listing: ImageFolderSplit, saved: dict) -> bool:
+    """Whether an image folder lists the very files of the run's training split."""
+    try:
+        trained = list_image_folder(
+            saved.get("data_path") or absolute_data(saved["config"]["data"]), "train"
+        )
+    except DataError:  # moved or gone (a shipped net's data)
+        return False
+    return trained is not None and _paths(trained) == _paths(listing)
+
+
+def _paths(listing: ImageFolderSplit) -> set[Path]:
+    return {listing.path / name for name in listing.names}
 
 
 def _class_index(

@@ -25,6 +25,7 @@ from deepres.cli import main
 from deepres.data import DataError, available_splits, open_dataset, readers
 from deepres.data.readers import FASHION_MNIST_CLASSES
 from deepres.data.safe_pickle import restricted_loads
+from deepres.data.stream import stream_kind
 from deepres.train import train
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer"] + [f"c{i}" for i in range(5, 10)]
@@ -92,6 +93,15 @@ def test_cifar10_python_dir_and_tarball(tmp_path):
         assert test.labels.tolist() == labels[10:].tolist()
         assert train.classes == CIFAR10_NAMES
         assert available_splits(str(spec)) == ["train", "test"]
+
+
+@pytest.mark.parametrize("labels", [[1, 2**70], [1.9, 9.99], [True, False], ["3", "4"]])
+def test_cifar_labels_that_are_not_integers_are_refused_not_changed(tmp_path, labels):
+    _write_cifar10_python(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _rows(2, seed=1), b"labels": labels}, protocol=2))
+    with pytest.raises(DataError, match=f"^{re.escape(str(batch))}.*not a list of integers$"):
+        open_dataset(str(tmp_path))
 
 
 def test_cifar10_python_missing_batch(tmp_path):
@@ -653,6 +663,9 @@ def test_not_a_dataset(tmp_path):
     cut.write_bytes(b"\x1f\x8b\x08")  # the first bytes of a gzip stream, and no more
     with pytest.raises(DataError, match=f"^{re.escape(str(cut))}: corrupt archive"):
         open_dataset(str(cut))
+    # Looked at first as a possible tar shard (eval --data, photo training): the same one line.
+    with pytest.raises(DataError, match=f"^{re.escape(str(cut))}: corrupt archive"):
+        stream_kind(str(cut))
 
 
 # ---- cache

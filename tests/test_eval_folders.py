@@ -70,6 +70,25 @@ def test_other_classes_are_refused_in_one_line_naming_them(bare_run, tiny_folder
     assert "not in the run: purple" in err[0] and "not in the data: red" in err[0]
 
 
+def test_photos_of_many_sizes_are_tested_through_a_resizing_view(bare_run, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    for name in ("blue", "green", "red"):
+        (photos / name).mkdir(parents=True)
+        for i, size in enumerate([(12, 12), (20, 15)]):
+            pixels = [0, 0, 0]
+            pixels[("red", "green", "blue").index(name)] = 200
+            Image.new("RGB", size, tuple(pixels)).save(photos / name / f"{i}.png")
+    # The single view takes images at the net's size only, and says which view resizes them.
+    assert main(["eval", str(bare_run), "--data", str(photos)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is 20x15 but" in err[0]
+    assert err[0].endswith("--protocol center or 10crop resizes and crops each one")
+    # The centre view takes them as they are: a bare folder of photos is no longer decoded
+    # whole (at one size) to learn whether it is the run's own training data.
+    assert main(["eval", str(bare_run), "--data", str(photos), "--protocol", "center"]) == 0
+    assert "(all, 6 images, center)" in capsys.readouterr().out
+
+
 def test_predict_takes_folders(bare_run, tiny_folder, tmp_path, capsys):
     assert main(["predict", str(bare_run), str(tiny_folder / "test"), "--top", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -55,6 +55,14 @@ def test_eval_of_a_streamed_run_defaults_to_its_centre_view(photo_folder, tmp_pa
     assert result["top1_error"] == pytest.approx(summary["test_error"])
     tenfold = evaluate_run(tmp_path / "run", protocol="10crop")
     assert tenfold["protocol"] == "10crop" and tenfold["n"] == 6
+    # A bare <class>/ folder of photos of two sizes is tested whole, through the same centre
+    # view, without decoding it first; the run's own photos, however the path is spelled, not.
+    bare = evaluate_run(tmp_path / "run", data=str(photo_folder / "val"))
+    assert (bare["split"], bare["protocol"], bare["n"]) == ("all", "center", 6)
+    assert bare["top1_error"] == pytest.approx(result["top1_error"])
+    for own in (photo_folder / "train", photo_folder / "val" / ".." / "train"):
+        with pytest.raises(ValueError, match="the data .* was trained on"):
+            evaluate_run(tmp_path / "run", data=str(own))
 
 
 def test_a_run_trained_on_tar_shards_is_evaluated_on_their_images(photo_folder, tmp_path):

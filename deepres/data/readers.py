@@ -106,6 +106,14 @@ _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: 
 _GZIP_CHUNK = 1 << 24
 
 
+class MixedSizes(DataError):
+    """Images of more than one size where a split is decoded whole; sizes says which two."""
+
+    def __init__(self, sizes: str):
+        super().__init__(f"{sizes}; pass --image-size N to resize every image")
+        self.sizes = sizes
+
+
 @dataclass
 class ImageDataset:
     """A whole split in memory: uint8 images [N, C, H, W] and int64 labels [N]."""
@@ -726,10 +734,15 @@ def _pickled_batch(data: bytes, where: str, labels_key: str) -> tuple[np.ndarray
         raise DataError(f"{where}: 'data' is not a uint8 array of shape (N, 3072)")
     if pixels.shape[1] != 3072:
         raise DataError(f"{where}: 'data' rows hold {pixels.shape[1]} bytes, expected 3072")
+    raw = batch.get(labels_key)
     try:
-        labels = np.asarray(batch.get(labels_key), dtype=np.int64)
-    except (TypeError, ValueError) as error:
-        raise DataError(f"{where}: {labels_key!r} is not a list of integers") from error
+        labels = np.asarray(raw, dtype=np.int64)
+        # A float or bool label would be truncated to some class without a word: refuse it.
+        whole = labels.size == 0 or np.asarray(raw).dtype.kind in "iu"
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise DataError(f"{where}: {labels_key!r} is not a list of integers") from None
     if labels.shape != (len(pixels),):
         raise DataError(f"{where}: {labels_key!r} must hold {len(pixels)} labels, one per row")
     # Each row is the red plane, then green, then blue, each 32 rows of 32 pixels.
@@ -836,9 +849,8 @@ def _decode_images(source: _Source, names: list[str], image_size: int | None) ->
             first = (where, array)
         elif array.shape[:2] != first[1].shape[:2]:
             (height, width), (first_height, first_width) = array.shape[:2], first[1].shape[:2]
-            raise DataError(
-                f"{where} is {width}x{height} but {first[0]} is {first_width}x{first_height};"
-                " pass --image-size N to resize every image"
+            raise MixedSizes(
+                f"{where} is {width}x{height} but {first[0]} is {first_width}x{first_height}"
             )
         decoded[name] = array
     arrays = [decoded[name] for name in names]

@@ -244,7 +244,11 @@ def _shard_layout(spec: str) -> dict[str, list[Path]] | None:
 
 def _is_shard(path: Path, look_at: int = 16) -> bool:
     # A WebDataset shard names its labels key.cls; a tar of class folders or CIFAR has none.
-    if not tarfile.is_tarfile(path):
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except _TAR_ERRORS as error:  # a compressed file cut short, say: no shard yet
+        raise DataError(f"{path}: corrupt archive ({type(error).__name__}: {error})") from None
+    if not is_tar:
         return False
     try:
         with tarfile.open(path, "r|*") as archive:
