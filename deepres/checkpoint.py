@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from deepres.models.registry import check_options
@@ -90,6 +90,18 @@ def append_text(path: Path, text: str) -> None:
             except OSError:
                 os.ftruncate(fd, size)
                 raise
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file that is appended to onto the disk, so that what follows cannot outlive it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as err:
@@ -178,7 +190,15 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return _read(path, load_file), _read(path, _metadata)
+    return _read(path, _tensors_and_metadata)
+
+
+def _tensors_and_metadata(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    # One open: a file replaced while it is read (a run saving) cannot pair two versions.
+    with safe_open(path, "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        meta = f.metadata() or {}
+    return tensors, json.loads(meta.get("json", "{}"))
 
 
 def _metadata(path: Path) -> dict:

@@ -43,6 +43,7 @@ from deepres.checkpoint import (
     read_json,
     save_checkpoint,
     save_tensors,
+    sync_file,
     write_json,
     write_text,
 )
@@ -797,6 +798,8 @@ def _save(s: _Session, iteration: int, window: _Window) -> None:
     s.state["seconds"] = s.seconds()
     s.state["window"] = [loss_sum, err_sum, int(images)]
     if s.main:
+        # The records up to here first: a crash cannot leave a checkpoint beyond its metrics.
+        sync_file(s.run / METRICS)
         # The unwrapped net's names, so that runs resume with or without torchrun.
         save_checkpoint(s.run, s.model, s.optimizer, s.state)
         # The iteration goes with the weights: eval, deepres.load and export can say what they

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
+from deepres import checkpoint
 from deepres.checkpoint import (
     CHECKPOINT,
     FORMAT,
@@ -19,6 +21,7 @@ from deepres.checkpoint import (
     save_tensors,
     write_json,
 )
+from deepres.train import train
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -49,6 +52,41 @@ def test_tensors_and_metadata_round_trip(tmp_path):
     save_tensors(path, {"w": torch.arange(6.0).view(2, 3)}, {"iteration": 7})
     tensors, meta = load_tensors(path)
     assert torch.equal(tensors["w"], torch.arange(6.0).view(2, 3)) and meta == {"iteration": 7}
+
+
+def test_weights_are_read_with_the_iteration_of_the_same_file(tmp_path, monkeypatch):
+    # A run saving while eval reads its weights replaces the file between two opens.
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, {"w": torch.zeros(2)}, {"iteration": 4})
+    real_open = checkpoint.safe_open
+
+    saves = [({"w": torch.ones(2)}, {"iteration": 8})]
+
+    def saved_meanwhile(*args, **kwargs):
+        if saves:  # the run's next save lands while the file is being read
+            save_tensors(path, *saves.pop())
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", saved_meanwhile)
+    tensors, meta = load_tensors(path)
+    assert (tensors["w"].sum().item(), meta["iteration"]) in {(0.0, 4), (2.0, 8)}
+
+
+def test_metrics_reach_the_disk_before_the_checkpoint_that_follows_them(
+    tiny_folder, tmp_path, monkeypatch
+):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    train(tiny_config(tiny_folder, tmp_path / "run", iters=4), progress=False)
+    files = [name for name in synced if name != "run"]  # the folder itself, after each rename
+    first_checkpoint = next(i for i, name in enumerate(files) if name.startswith(".checkpoint"))
+    assert "metrics.jsonl" in files[:first_checkpoint]
 
 
 def test_unreadable_files_are_named_in_one_line_errors(tmp_path):
