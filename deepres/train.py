@@ -11,6 +11,7 @@ written; what it had saved before stays as it was.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -211,6 +212,10 @@ class Diverged(FloatingPointError):
     """Training reached a non-finite loss or weights; the run keeps its last finite checkpoint."""
 
 
+class RunInUse(OSError):
+    """Another process is training the run directory."""
+
+
 def _model_options(config: TrainConfig, num_classes: int, in_channels: int) -> dict:
     options = {"num_classes": num_classes, "in_channels": in_channels}
     if config.shortcut:
@@ -242,15 +247,22 @@ def train(
     check_config(config)
     device = distributed.setup(parse_device(config.device))
     try:
-        return _train(config, resume, stop_at, progress, device)
+        # Holds what the session must let go of however it ends: the run directory's lock.
+        with ExitStack() as held:
+            return _train(config, resume, stop_at, progress, device, held)
     finally:
         distributed.teardown()
 
 
 def _train(
-    config: TrainConfig, resume: bool, stop_at: int | None, progress: bool, device: torch.device
+    config: TrainConfig,
+    resume: bool,
+    stop_at: int | None,
+    progress: bool,
+    device: torch.device,
+    held: ExitStack,
 ) -> dict:
-    s = _setup(config, resume, device)
+    s = _setup(config, resume, device, held)
     recipe = s.recipe
     # A saved window holds the sums over all ranks: rank 0 carries them on.
     window = _Window(s.state["window"] if s.main else [0.0, 0.0, 0], s.device)
@@ -346,7 +358,7 @@ class _Session:
         return self.seconds_before + time.perf_counter() - self.t_session
 
 
-def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
+def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitStack) -> _Session:
     rank, world_size = distributed.world()
     main = rank == 0
     run = Path(config.out)
@@ -479,6 +491,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device) -> _Session:
         )
 
     run.mkdir(parents=True, exist_ok=True)
+    if main:
+        held.enter_context(_only_session(run))
     if resume:
         state = load_checkpoint(run, model, optimizer)
         if main:
@@ -574,6 +588,24 @@ def _device_name(device: torch.device) -> str:
     cpu = machine()
     flags = cpu["cpu_flags"]
     return f"{cpu['cpu']} ({' '.join(flags)})" if flags else cpu["cpu"]
+
+
+@contextmanager
+def _only_session(run: Path) -> Iterator[None]:
+    """The run directory locked for this session: two at once would interleave their records
+    and overwrite each other's checkpoints. The kernel lets go if the process dies."""
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(
+                f"{run}: another process is training this run; stop it first (SIGTERM "
+                "checkpoints it) or wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_run_dir(run: Path, resume: bool) -> None:

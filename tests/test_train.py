@@ -1,5 +1,6 @@
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
@@ -406,6 +407,32 @@ def one_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
+
+
+def test_a_run_another_process_trains_is_not_resumed_beside_it(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run), stop_at=4, progress=False)
+    before = files(run)
+    # Another training process holds the run directory (a flock, as a session takes it).
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2
+        assert one_line(capsys).endswith(
+            f"{run}: another process is training this run; stop "
+            "it first (SIGTERM checkpoints it) or wait for it to finish"
+        )
+        assert files(run) == before
+    finally:
+        os.close(fd)
+    # Let go, it resumes; and a finished session lets go of the run too.
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert checkpoint_state(run)["iteration"] == 12
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
 
 
 def test_a_copied_run_resumes_where_it_is_and_leaves_the_original(tiny_folder, tmp_path, capsys):
