@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from dataclasses import replace
 
@@ -9,7 +14,7 @@ from conftest import sharded, tiny_config
 from PIL import Image
 
 import deepres
-from deepres.checkpoint import load_tensors
+from deepres.checkpoint import checkpoint_state, load_tensors
 from deepres.cli import main
 from deepres.evaluate import center_crop, evaluate_run, resize_shorter
 from deepres.report import read_metrics
@@ -160,3 +165,34 @@ def test_photos_stream_from_a_zip_as_from_a_folder(photo_folder, tmp_path):
     assert (tmp_path / "zip" / "model.safetensors").read_bytes() == (
         tmp_path / "folder" / "model.safetensors"
     ).read_bytes()
+
+
+def test_a_stop_signalled_to_the_whole_group_checkpoints_a_streamed_run(photo_folder, tmp_path):
+    # kill -- -PGID, a batch system or systemd: the DataLoader workers get the SIGTERM too.
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "deepres.cli", "train", "--model", "resnet18", "--width", "8"]
+    command += ["--data", str(photo_folder), "--crop-size", "32", "--workers", "2", "--quiet"]
+    command += ["--batch-size", "8", "--iters", "100000", "--checkpoint-every", "100000"]
+    command += ["--device", "cpu", "--out", str(run)]
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if (run / "metrics.jsonl").is_file() and read_metrics(run):
+                break
+            time.sleep(0.05)
+        assert read_metrics(run), "no log record within 120 s"
+        os.killpg(child.pid, signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    stopped_at = json.loads(out)["iteration"]
+    assert checkpoint_state(run)["iteration"] == stopped_at >= 50

@@ -358,11 +358,13 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | str:
 
 
 def _quiet_worker(_: int) -> None:
-    # Ctrl-C reaches the whole process group. The main process stops the run at a step
-    # boundary and shuts the workers down itself; a worker that died first would turn that
-    # clean stop into a "DataLoader worker exited unexpectedly" crash. (SIGTERM stays: it is
-    # how the main process ends a worker that does not stop when asked.)
+    # Ctrl-C reaches the whole process group, and a stop by SIGTERM often does too (kill -- -PGID,
+    # a batch system or systemd stopping the job). The main process stops the run at a step
+    # boundary, checkpoints it and shuts the workers down itself; a worker that died first
+    # would turn that clean stop into a "DataLoader worker killed" crash and lose the
+    # checkpoint. A worker whose main process is gone exits by itself (DataLoader's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _loader(views: _Views, requests, workers: int, pin_memory: bool) -> DataLoader:
