@@ -19,7 +19,7 @@ from deepres.checkpoint import (
     read_config,
     trained_iteration,
 )
-from deepres.data.augment import CENTER_RESIZE
+from deepres.data.augment import CENTER_RESIZE, eight_bit
 from deepres.data.loader import Preprocess
 from deepres.models import create_model
 from deepres.pretrained import resolve_run, shipped_iterations
@@ -63,7 +63,7 @@ class Classifier:
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """A PIL image as a uint8 [1, C, H, W] batch in the run's channels and size."""
         c, h, w = self.input_size
-        image = image.convert("L" if c == 1 else "RGB")
+        image = eight_bit(image).convert("L" if c == 1 else "RGB")
         if image.size != (w, h):
             if self.resize:
                 low_w = low_h = self.resize

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 import deepres
 from deepres.cli import main
 from deepres.data import DataError, available_splits, open_dataset, readers
+from deepres.data.augment import Augment, eight_bit, view
 from deepres.data.readers import FASHION_MNIST_CLASSES
 from deepres.data.safe_pickle import restricted_loads
 from deepres.data.stream import stream_kind
@@ -505,6 +506,22 @@ def test_image_folder_grayscale_is_one_channel(tmp_path):
     _image(tmp_path / "b" / "y.png", 200, mode="L")
     dataset = open_dataset(str(tmp_path))
     assert dataset.images.shape == (2, 1, 8, 8) and dataset.images[1].unique().tolist() == [200]
+
+
+def test_sixteen_bit_and_float_gray_images_are_scaled_not_clipped(tmp_path):
+    # Pillow's convert() clips 16-bit values at 255: 200/255 of full scale would be white.
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 200 * 257, np.uint16)).save(tmp_path / "a" / "x.png")
+    _image(tmp_path / "b" / "y.png", 7, mode="L")
+    dataset = open_dataset(str(tmp_path))
+    assert dataset.images.shape == (2, 1, 8, 8)
+    assert [dataset.images[i].unique().tolist() for i in (0, 1)] == [[200], [7]]
+    # The streamed photos' views and a net's own input go through the same scaling.
+    data = (tmp_path / "a" / "x.png").read_bytes()
+    assert np.unique(view(data, "x.png", Augment.scaled(crop=4), None)).tolist() == [200]
+    floats = Image.fromarray(np.full((4, 4), 0.5, np.float32))
+    deep = Image.fromarray(np.full((4, 4), 100 * 257, np.int32), "I")
+    assert [np.unique(np.asarray(eight_bit(i))).tolist() for i in (floats, deep)] == [[128], [100]]
 
 
 def test_image_folder_sizes(tmp_path):

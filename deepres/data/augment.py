@@ -126,8 +126,22 @@ def resized_crop(image: Image.Image, box: Box, crop: int, draft: bool = True) ->
         image.draft("RGB", needed)
         sx, sy = image.size[0] / width, image.size[1] / height
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    image = image.convert("RGB")
+    image = eight_bit(image).convert("RGB")
     return image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit or float gray image as 8-bit gray, scaled; other images as they are."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    # Pillow's convert() clips these at 255: a 16-bit photo would come out nearly all white.
+    pixels = np.asarray(image, dtype=np.float64)
+    top = pixels.max(initial=0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and top > 255):
+        pixels = pixels / 257  # 65535 -> 255 (mode I: a 16-bit PNG as older Pillows open it)
+    elif image.mode == "F" and top <= 1:
+        pixels = pixels * 255  # floats in [0, 1]
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from deepres.data.augment import eight_bit
 from deepres.data.safe_pickle import DataError, restricted_loads
 
 FASHION_MNIST_CLASSES = [
@@ -98,8 +99,9 @@ _SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
 _MAX_DEPTH = 5
 _IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-# Part of every cache key: raise it when decoding changes, so old entries are not reused.
-_CACHE_FORMAT = 1
+# Part of every cache key: raise it when decoding changes, so old entries are not reused
+# (2: 16-bit and float gray images scaled to 8 bits, no longer clipped).
+_CACHE_FORMAT = 2
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
 # Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
@@ -866,7 +868,8 @@ def decode_image(data: bytes, where: str, image_size: int | None = None) -> np.n
     # Pillow identifies the format from the content, so a GIF named .jpg decodes as a GIF.
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("L" if opened.mode in _GRAY_MODES else "RGB")
+            image = eight_bit(opened)
+            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{where}: cannot decode image ({error})") from error
     if image_size is not None:
