@@ -5,6 +5,7 @@ fully-convolutional multi-scale (Table 4).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -279,10 +280,19 @@ def evaluate_run(
     }
     if protocol != "single":
         sizes = {"resize": resize, "crop": crop, "scales": tuple(scales) if scales else scales}
+        family = model_family(saved["model"])
         views = replace(
-            default_protocol(protocol, model_family(saved["model"]), classifier.input_size[1]),
+            default_protocol(protocol, family, classifier.input_size[1]),
             **{name: value for name, value in sizes.items() if value is not None},
         )
+        if protocol == "multiscale" and family == "cifar" and max(views.scales) > views.crop:
+            warnings.warn(
+                f"{run}: a CIFAR net trained on {views.crop}-pixel images only is tested here "
+                f"up to {max(views.scales)} pixels, sizes it never saw (the paper tests many "
+                "scales on its ImageNet nets, trained on sides of 256-480): expect an error "
+                "far above the single view's",
+                stacklevel=2,
+            )
         classes, n, images = _full_size(data, read_split, keep, classifier.classes, shards)
         index = _class_index(classes, classifier.classes, data, run)
         probs, labels = predict_protocol(
