@@ -248,6 +248,25 @@ def evaluate_run(
     classifier = load(run)
     saved = read_config(run)
     config = saved["config"]
+    if protocol == "single" and saved.get("augment"):
+        # A run trained on streamed photos has no one image size: its single view is the centre
+        # view its training evaluated on (Sec. 3.4's 224 crop of the 256-side image).
+        protocol = "center"
+    # A size the protocol does not use would change nothing, silently: refused instead.
+    unused = [
+        flag
+        for flag, value, used_by in (
+            ("--resize", resize, ("center", "10crop")),
+            ("--crop", crop, ("center", "10crop")),
+            ("--scales", scales, ("multiscale",)),
+        )
+        if value is not None and protocol not in used_by
+    ]
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)}: not used by --protocol {protocol} (--resize and --crop size "
+            "the center and 10crop views, --scales the multiscale one)"
+        )
     given = data is not None
     data = data or locate_data(config["data"], saved.get("data_path"))
     if not given and data not in NAMED_DATA and not Path(data).expanduser().exists():
@@ -263,10 +282,6 @@ def evaluate_run(
         split = _test_split(run, saved, data, given, shards)
     read_split = "test" if split == "test" else "train"
     keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
-    if protocol == "single" and saved.get("augment"):
-        # A run trained on streamed photos has no one image size: its single view is the centre
-        # view its training evaluated on (Sec. 3.4's 224 crop of the 256-side image).
-        protocol = "center"
     model = classifier.model.to(parse_device(device))
     # The iteration the weights come from and the run's budget: a run still training is
     # evaluated at its latest checkpoint, and the result says so.

@@ -306,6 +306,15 @@ def test_cli_eval_protocols_json(mixed_run, capsys):
     assert len(err) == 1 and "larger than resize" in err[0]
     assert main(["eval", str(mixed_run), "--protocol", "center", "--resize", "0"]) == 2
     assert "positive" in capsys.readouterr().err
+    # A size the protocol does not use is refused, not silently dropped.
+    for protocol, flags, unused in (
+        ("single", ["--resize", "12"], "--resize"),
+        ("multiscale", ["--crop", "6", "--resize", "9"], "--resize, --crop"),
+        ("10crop", ["--scales", "8,9"], "--scales"),
+    ):
+        assert main(["eval", str(mixed_run), "--protocol", protocol, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{unused}: not used by --protocol {protocol}" in err[0]
 
 
 def test_channel_preprocess_averages_a_pixel_mean_over_the_pixels():
