@@ -9,6 +9,7 @@ from deepres.checkpoint import CHECKPOINT, CONFIG, read_config
 from deepres.data import open_dataset
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
+from deepres.paper import CIFAR10_CLASSES, TABLE6_ITERS
 from deepres.report import curve, final_training, moves, read_metrics
 from deepres.train import SUMMARY, TrainConfig, load_config, train
 
@@ -183,6 +184,10 @@ def run_result(run: Path) -> dict:
         "device": saved.get("device"),
         "torch": saved.get("torch"),
         "moved": moves(saved),
+        # CIFAR-10 at Table 6's budget: the runs whose errors the paper's can be set against.
+        "paper_protocol": saved["classes"] == CIFAR10_CLASSES
+        and saved["input_size"] == [3, 32, 32]
+        and saved["recipe"]["iters"] == TABLE6_ITERS,
         "curve": curve(metrics, split),
     }
 
