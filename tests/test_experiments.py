@@ -275,11 +275,14 @@ def test_degradation_claims_are_judged_the_paper_s_way_round():
 def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round():
     runs = fake_runs(resnet20=(3, 9), resnet32=(2, 8), resnet56=(1, 7))
     assert verdicts(table6.claims(runs)) == [
-        ("error falls as depth grows from resnet20 to resnet56", "yes")
+        ("error falls at each step of depth from resnet20 to resnet56", "yes")
     ]
+    # The ends alone would say yes; a net in the middle above its shallower neighbour says no.
+    runs = fake_runs(resnet20=(3, 9), resnet32=(2, 9.5), resnet56=(1, 7))
+    assert verdicts(table6.claims(runs))[0][1] == "no"
     runs = fake_runs(resnet20=(1, None), resnet56=(2, None))
     assert verdicts(table6.claims(runs)) == [
-        ("training error falls as depth grows from resnet20 to resnet56", "no")
+        ("training error falls at each step of depth from resnet20 to resnet56", "no")
     ]
     stds = {"plain20": [1.0, 1.2], "resnet20": [0.8, 0.9], "resnet56": [0.5, 0.6]}
     assert [v for _, v in verdicts(responses.claims(stds))] == ["yes", "yes"]
@@ -291,6 +294,16 @@ def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round()
     runs = fake_runs(resnet20=(3, 9.0), resnet20_B=(3, 8.5), resnet20_C=(3, 8.6))
     assert [v for _, v in verdicts(shortcuts.claims(runs, ["resnet20"]))] == ["yes", "no"]
     assert "(held-out error)" in shortcuts.claims(runs, ["resnet20"])[0]["claim"]
+    # Over 5,000 validation images, half a point apart is within chance, and the evidence says so;
+    # 4 points apart is not.
+    for r, error in zip(runs.values(), (26.20, 25.58, 21.58), strict=True):
+        r.update(test_error=error, eval_images=5000)
+    b_vs_a, c_vs_b = (c["evidence"] for c in shortcuts.claims(runs, ["resnet20"]))
+    assert b_vs_a == (
+        "B 25.58% vs A 26.20%; within chance: 0.62 points apart, where two standard errors of a "
+        "difference over 5,000 images are 1.75"
+    )
+    assert c_vs_b == "C 21.58% vs B 25.58%"
 
 
 def test_layer_stds_match_a_direct_computation():
@@ -475,7 +488,7 @@ def test_trained_on_every_image_reports_training_error_only(tmp_path):
         assert r["eval_split"] is None and r["test_error"] is None
         assert 0 <= r["train_error"] <= 100 and r["train_loss"] > 0
     assert [row["gap"] for row in result["table"]] == [None, None]
-    assert result["claims"][0]["claim"].startswith("training error falls as depth grows")
+    assert result["claims"][0]["claim"].startswith("training error falls at each step of depth")
     report = (tmp_path / "table6" / "report.md").read_text()
     assert "**training** error and loss only" in report
     # Named as the JPEG copy of CIFAR-10: the paper's numbers on that data stand beside ours.

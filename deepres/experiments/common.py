@@ -175,6 +175,8 @@ def run_result(run: Path) -> dict:
         "train_loss": train_loss,
         "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
         "eval_split": split,
+        # How many images the held-out error is over, where the run says (its --val-split).
+        "eval_images": saved["config"].get("val_split") if split == "val" else None,
         "precision": saved["config"].get("precision", "fp32"),
         "iters": metrics[-1]["iteration"],
         "params": count_params(model),
