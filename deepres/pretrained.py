@@ -2,7 +2,8 @@
 
 Each shipped net is a small run directory under deepres/weights/<name>/ (config.json,
 preprocess.safetensors, model.safetensors), so everything that opens a run opens it as it is;
-deepres/weights/manifest.json says where each came from and holds the sha256 of its weights.
+deepres/weights/manifest.json says where each came from and holds the sha256 of its weights,
+of its preprocessing and of the parts of its config.json that shape its predictions.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ MANIFEST = "manifest.json"
 MAX_BYTES = 4 * 1024 * 1024
 # A folder name inside SHIPPED, never a path out of it.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What of a config.json shapes a net's predictions (inference.load reads these): hashed, so a
+# shipped net whose config changed there is refused, while provenance may be added to it.
+PREDICTS = ("model", "model_options", "classes", "input_size", "augment")
 # A finished run's training record: everything but its weights and checkpoint, which are
 # the shipped net's and the bulk of the run.
 RECORD = (CONFIG, METRICS, SUMMARY)
@@ -72,11 +76,28 @@ def resolve_run(run: str | Path, root: Path | None = None) -> Path:
 
 
 def _verified(name: str, entry: dict, root: Path | None) -> Path:
-    """The folder of the shipped net name, its weights checked against the manifest's sha256."""
+    """The folder of the shipped net name, its files checked against the manifest's sha256s."""
     shipped_dir = Path(root or SHIPPED) / name
     if sha256(shipped_dir / WEIGHTS) != entry["sha256"]:
         raise ValueError(f"{shipped_dir / WEIGHTS}: sha256 differs from the manifest's")
+    # (Manifests from before these were recorded hold the weights' sha256 alone.)
+    preprocess = entry.get("preprocess_sha256")
+    if preprocess and preprocess != sha256(shipped_dir / PREPROCESS):
+        raise ValueError(f"{shipped_dir / PREPROCESS}: sha256 differs from the manifest's")
+    predicts = entry.get("predicts_sha256")
+    if predicts and predicts != predicts_sha256(shipped_dir):
+        raise ValueError(
+            f"{shipped_dir / CONFIG}: what shapes the net's predictions ({', '.join(PREDICTS)}) "
+            "differs from the manifest's"
+        )
     return shipped_dir
+
+
+def predicts_sha256(run: Path) -> str:
+    """The sha256 of the parts of a run's config.json that shape its predictions (PREDICTS)."""
+    saved = read_config(run)
+    part = {key: saved.get(key) for key in PREDICTS}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
 
 
 def _trained(saved: dict, metrics: list[dict]) -> tuple:
@@ -136,7 +157,7 @@ def publish(
         if mine:
             if record is not None and not all((Path(record) / n).is_file() for n in RECORD):
                 _copy_files(run, Path(record), RECORD)
-            return nets[mine[0]]
+            return _hashes_added(mine[0], nets, root)
         if name in nets:
             name = f"{name}-{trained[3]}"
             if name in nets:
@@ -193,6 +214,7 @@ def publish(
 
     def record_in_manifest() -> None:
         entry.update(sha256=sha256(out / WEIGHTS), bytes=(out / WEIGHTS).stat().st_size)
+        entry.update(_hashes(out))
         nets = manifest(root)
         nets[name] = entry
         write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
@@ -201,6 +223,25 @@ def publish(
     # the old net comes back, which the manifest still describes.
     _swap_in(out, write, then=record_in_manifest)
     return entry
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """The sha256s a manifest keeps beside the weights': preprocessing, and config's PREDICTS."""
+    return {
+        "preprocess_sha256": sha256(folder / PREPROCESS),
+        "predicts_sha256": predicts_sha256(folder),
+    }
+
+
+def _hashes_added(name: str, nets: dict[str, dict], root: Path) -> dict:
+    """A shipped net's entry, given the hashes a manifest from before them lacks."""
+    entry = nets[name]
+    if all(key in entry for key in _hashes(root / name)):
+        return entry
+    _verified(name, entry, root)  # the weights still the ones shipped
+    nets[name] = {**entry, **_hashes(root / name)}
+    write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
+    return nets[name]
 
 
 def _check_record_folder(record: Path, run: Path) -> None:

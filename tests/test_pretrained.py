@@ -12,7 +12,7 @@ from PIL import Image
 
 import deepres
 from deepres import pretrained
-from deepres.checkpoint import CHECKPOINT, SUMMARY, WEIGHTS, load_tensors, save_tensors
+from deepres.checkpoint import CHECKPOINT, PREPROCESS, SUMMARY, WEIGHTS, load_tensors, save_tensors
 from deepres.cli import main
 from deepres.data import DataError, open_dataset
 from deepres.evaluate import evaluate_run
@@ -101,10 +101,36 @@ def test_a_tampered_or_unknown_net_is_refused(finished_run, shipped):
     publish(finished_run, "tiny-colours", "cmd", root=shipped)
     with pytest.raises(FileNotFoundError, match=r"no-such-net: .*shipped: tiny-colours"):
         resolve_run("no-such-net")
-    weights = shipped / "tiny-colours" / WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ValueError, match="sha256 differs"):
+    folder = shipped / "tiny-colours"
+    # Provenance added to config.json (a resume recorded afterwards, say) is no tampering...
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "resumed": [{"iteration": 2}]}))
+    deepres.load("tiny-colours")
+    # ...but classes in another order, another mean image or other weights are.
+    reordered = {**saved, "classes": saved["classes"][::-1]}
+    (folder / "config.json").write_text(json.dumps(reordered))
+    with pytest.raises(ValueError, match=r"config.json: what shapes the net's predictions"):
         deepres.load("tiny-colours")
+    (folder / "config.json").write_text(json.dumps(saved))
+    for name in (PREPROCESS, WEIGHTS):
+        intact = (folder / name).read_bytes()
+        (folder / name).write_bytes(intact[:-1] + b"\0")
+        with pytest.raises(ValueError, match=f"{name}: sha256 differs"):
+            deepres.load("tiny-colours")
+        (folder / name).write_bytes(intact)
+    deepres.load("tiny-colours")
+
+
+def test_publish_once_adds_the_hashes_an_older_manifest_lacks(finished_run, shipped):
+    publish(finished_run, "tiny", "c", root=shipped)
+    nets = manifest(shipped)
+    hashes = {k: nets["tiny"].pop(k) for k in ("preprocess_sha256", "predicts_sha256")}
+    (shipped / "manifest.json").write_text(json.dumps({"nets": nets}))
+    deepres.load("tiny")  # an older manifest: the weights alone are checked
+    entry = publish(finished_run, "tiny", "c", root=shipped, once=True)
+    assert (
+        {k: entry[k] for k in hashes} == hashes == {k: manifest(shipped)["tiny"][k] for k in hashes}
+    )
 
 
 def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp_path):
