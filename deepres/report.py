@@ -288,7 +288,11 @@ def _figures(result: dict, out: Path) -> list[str]:
                 "ResNets",
                 [n for n in names if n.startswith("resnet") and "-" not in n and n != "resnet1202"],
             ),
-            ("ResNet-110 vs ResNet-1202", [n for n in names if n in ("resnet110", "resnet1202")]),
+            # Fig. 6's right panel compares the two: with one of them, it would repeat a curve.
+            (
+                "ResNet-110 vs ResNet-1202",
+                ["resnet110", "resnet1202"] if {"resnet110", "resnet1202"} <= set(names) else [],
+            ),
             (
                 "shortcut options",
                 [n for n in names if n.startswith("resnet") and experiment == "shortcuts"],

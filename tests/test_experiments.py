@@ -325,9 +325,10 @@ def test_layer_stds_match_a_direct_computation():
     # stem's first, then each block's two, in depth order.
     blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
     assert response_layers(model) == [model.bn1, *[bn for b in blocks for bn in (b.bn1, b.bn2)]]
-    resnet50 = create_model("resnet50")  # a bottleneck's one 3x3 conv is its second
+    # A bottleneck's one 3x3 conv is its second; an ImageNet net's 7x7 stem is no 3x3 layer.
+    resnet50 = create_model("resnet50")
     stages = (resnet50.layer1, resnet50.layer2, resnet50.layer3, resnet50.layer4)
-    assert response_layers(resnet50) == [resnet50.bn1, *[b.bn2 for s in stages for b in s]]
+    assert response_layers(resnet50) == [b.bn2 for s in stages for b in s]
     expected = [o.double().std(unbiased=False).item() for o in outputs]
     assert stds == pytest.approx(expected, rel=1e-6)
 
@@ -570,8 +571,21 @@ def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch)
     drawn = []
     monkeypatch.setattr(report, "plot_curves", lambda ax, curve, name: drawn.append(name))
     report._figures(result, tmp_path)
-    # Each panel by depth; ResNet-110 again in the panel beside ResNet-1202's.
-    assert drawn == ["plain20", "plain56", "resnet20", "resnet56", "resnet110", "resnet110"]
+    # Each panel by depth; with no ResNet-1202, no panel of ResNet-110 against it...
+    assert drawn == ["plain20", "plain56", "resnet20", "resnet56", "resnet110"]
+    # ...and with it, ResNet-110 again in the panel beside ResNet-1202's, as in Fig. 6.
+    drawn.clear()
+    both = {**result, "runs": {**result["runs"], "resnet1202": result["runs"]["resnet20"]}}
+    report._figures(both, tmp_path)
+    assert drawn == [
+        "plain20",
+        "plain56",
+        "resnet20",
+        "resnet56",
+        "resnet110",
+        "resnet110",
+        "resnet1202",
+    ]
 
     styles = []
     plot = Axes.plot

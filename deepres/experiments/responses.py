@@ -19,8 +19,11 @@ def default_models(budget: str) -> list[str]:
 
 
 def response_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The BN after every 3x3 conv, in layer order: the stem's and each block's."""
-    layers = [model.bn1]
+    """The BN after every 3x3 conv, in layer order: the stem's and each block's.
+
+    Fig. 7 is of CIFAR nets, whose stem is a 3x3 conv; an ImageNet net's 7x7 stem is left out.
+    """
+    layers = [model.bn1] if model.conv1.kernel_size == (3, 3) else []
     for m in model.modules():
         if isinstance(m, BasicBlock):
             layers += [m.bn1, m.bn2]
