@@ -140,6 +140,7 @@ def run_status(run: Path) -> dict:
         "iters": iters,
         "finished": finished,
         "train_error": final_training(metrics)[0] if metrics else None,
+        "train_loss": final_training(metrics)[1] if metrics else None,
         "lr": last.get("lr"),
         # Saved resolved ("auto" became fp32 or bf16 when the run started).
         "precision": saved["config"].get("precision"),

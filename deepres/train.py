@@ -197,12 +197,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        # Measured (issue 8): ResNet-20 on a 2-core AMD EPYC without AVX-512, 25 images/s in
-        # bf16 against 310 in fp32.
+        # Measured: a ResNet-20 step on one thread of a 2-core AMD EPYC without AVX-512, 16
+        # images/s in bf16 against 187 in fp32 (benchmarks/results/bf16-emulated-cpu-avx2-*).
         warnings.warn(
             f"--precision bf16: this {device.type} has no native bf16 units, so bf16 is emulated "
             "and training runs far slower than fp32 (ResNet-20 on a CPU without avx512_bf16: "
-            "25 vs 310 images/s); --precision auto picks fp32 here",
+            "16 vs 187 images/s); --precision auto picks fp32 here",
             stacklevel=2,
         )
     return precision

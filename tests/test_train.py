@@ -672,6 +672,7 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     # The checkpoint's iteration (3), not the last log record's (2): where a resume starts.
     assert (now["iteration"], now["iters"], now["finished"]) == (3, 8, False)
     assert now["train_error"] == last["train_error"] and now["hours"] > 0
+    assert now["train_loss"] == pytest.approx(last["train_loss"])
     assert now["lr"] == last["lr"] == 0.1
     # Where it started, as config.json names it: this CPU.
     assert now["device"] == json.loads((stopped / "config.json").read_text())["device"]
@@ -688,11 +689,12 @@ def test_status_says_where_each_run_stands(tiny_folder, tmp_path, capsys, monkey
     assert run_status(stopped)["hours_left"] == pytest.approx(5 * 16 / 150 / 3600)
     # The training error is the reports' (final_training): over the last 1/128 of the run.
     windows = [
-        {**last, "iteration": i, "train_error": e, "images": n}
+        {**last, "iteration": i, "train_error": e, "train_loss": e / 10, "images": n}
         for i, e, n in ((200, 50.0, 100), (255, 10.0, 100), (256, 20.0, 300))
     ]
     (stopped / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in windows))
     assert run_status(stopped)["train_error"] == pytest.approx(17.5)
+    assert run_status(stopped)["train_loss"] == pytest.approx(1.75)
     finished = run_status(done)
     assert (finished["iteration"], finished["finished"], finished["hours_left"]) == (4, True, None)
     assert main(["status", str(tmp_path)]) == 0
