@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--rounds", type=int, default=4)
+    # run_lanes (lanes.py) trains each lane at this precision.
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = p.parse_args()
     # An idle machine is the point: what else ran shows in the load before the first run.
     load_at_start = [round(x, 2) for x in os.getloadavg()]

@@ -29,11 +29,22 @@ from deepres import create_model
 from deepres.data.loader import BatchStream, Preprocess
 from deepres.provenance import machine
 
-# First match wins: the optimizer's _foreach_add_ must not count as a residual addition.
+# First match wins: the optimizer's _foreach_add_ must not count as a residual addition, nor
+# the fc's aten::addmm (the head comes before the additions for that).
 KINDS = {
     "optimizer": ("_foreach", "sgd", "optimizer"),
     "convolution": ("conv", "mkldnn_convolution"),
     "batch_norm": ("batch_norm",),
+    "loss_and_head": (
+        "cross_entropy",
+        "log_softmax",
+        "nll_loss",
+        "addmm",
+        "aten::mm",
+        "mean",
+        "avg_pool",
+        "argmax",
+    ),
     "relu_and_add": ("relu", "threshold", "aten::add"),
     "casts": ("_to_copy", "aten::to", "copy_"),
     "data": (
@@ -48,16 +59,6 @@ KINDS = {
         "sub",
         "contiguous",
         "clone",
-    ),
-    "loss_and_head": (
-        "cross_entropy",
-        "log_softmax",
-        "nll_loss",
-        "addmm",
-        "mm",
-        "mean",
-        "avg_pool",
-        "argmax",
     ),
 }
 

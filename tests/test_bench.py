@@ -2,6 +2,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,47 @@ def test_provenance_marks_code_that_differs_from_its_commit(tmp_path):
         "`c0ffee` (with uncommitted changes)"
     )
     assert report._commit({"git_commit": "c0ffee", "git_dirty": False}) == "`c0ffee`"
+
+
+def _script(name: str):
+    """A script of benchmarks/ imported as a module (they import each other by name)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_profile_kinds_tell_the_head_and_the_optimizer_from_the_additions():
+    kind_of = _script("profile_train").kind_of
+    kinds = {
+        name: kind_of(name)
+        for name in (
+            "aten::add_",
+            "aten::add",
+            "aten::addmm",
+            "AddmmBackward0",
+            "aten::_foreach_add_",
+        )
+    }
+    assert kinds == {
+        "aten::add_": "relu_and_add",
+        "aten::add": "relu_and_add",
+        "aten::addmm": "loss_and_head",
+        "AddmmBackward0": "loss_and_head",
+        "aten::_foreach_add_": "optimizer",
+    }
+
+
+def test_omp_wait_policy_hands_its_lanes_a_precision(monkeypatch, capsys):
+    script = _script("omp_wait_policy")
+    seen = []
+    monkeypatch.setattr(script, "run_lanes", lambda args, *a: seen.append(args.precision) or [1.0])
+    monkeypatch.setattr("sys.argv", ["omp_wait_policy.py", "--rounds", "2", "--seconds", "1"])
+    script.main()
+    assert seen == ["fp32"] * 4
+    assert json.loads(capsys.readouterr().out)["benchmark"]
