@@ -64,6 +64,10 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     weights = {k: v for k, v in read_weights(path).items() if not k.startswith(HEAD)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD)}
     for key, value in own.items():
+        if key not in weights and key.endswith("num_batches_tracked"):
+            # Absent from files saved before torch 0.4.1 (torchvision's first model zoo among
+            # them), as load_state_dict allows: a count of BN updates, no weight.
+            weights[key] = torch.zeros_like(value)
         if key not in weights:
             raise ValueError(f"{path}: does not fit the net: it has no {key}")
         if value.is_floating_point() and not weights[key].is_floating_point():

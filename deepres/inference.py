@@ -64,7 +64,9 @@ class Classifier:
         """A PIL image as a uint8 [1, C, H, W] batch in the run's channels and size."""
         c, h, w = self.input_size
         image = eight_bit(image).convert("L" if c == 1 else "RGB")
-        if image.size != (w, h):
+        # A photo net's view is the centre crop of the photo resized to self.resize, even for a
+        # photo that has the crop's size already (eval --protocol center takes it so too).
+        if image.size != (w, h) or self.resize:
             if self.resize:
                 low_w = low_h = self.resize
                 scale = self.resize / min(image.size)

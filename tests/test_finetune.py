@@ -62,6 +62,18 @@ def test_init_loads_every_tensor_but_the_fc(tmp_path, kind):
     assert sum(1 for k in loaded if k.endswith("num_batches_tracked")) > 0
 
 
+def test_init_takes_a_file_from_before_bn_counted_its_updates(tmp_path):
+    # Files saved before torch 0.4.1 (torchvision's first model zoo) have no num_batches_tracked.
+    source = pretrained()
+    legacy = {k: v for k, v in source.state_dict().items() if "num_batches_tracked" not in k}
+    torch.save(legacy, tmp_path / "legacy.pth")
+    model = create_model("resnet20", width=4, num_classes=3)
+    load_backbone(model, tmp_path / "legacy.pth")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in legacy.items() if not k.startswith("fc."))
+    assert all(loaded[k] == 0 for k in loaded if k.endswith("num_batches_tracked"))
+
+
 def test_init_from_the_wrong_net_is_a_one_line_error(tmp_path):
     model = create_model("resnet20", width=4, num_classes=3)
     deeper = weights_files(tmp_path, create_model("resnet32", width=4))["pth"]

@@ -100,6 +100,11 @@ def test_a_streamed_run_predicts_on_the_centre_view_it_is_tested_on(photo_folder
     view = np.asarray(resize_shorter(photo, 37))
     expected = center_crop(torch.from_numpy(view.copy()).permute(2, 0, 1), 32)[None]
     assert photo.size != (37, 37) and torch.equal(classifier.to_tensor(photo), expected)
+    # A photo that has the crop's size already is seen as eval sees it: resized, then cropped.
+    small = photo.resize((32, 32))
+    view = np.asarray(resize_shorter(small, 37))
+    expected = center_crop(torch.from_numpy(view.copy()).permute(2, 0, 1), 32)[None]
+    assert torch.equal(classifier.to_tensor(small), expected)
 
 
 def test_a_streamed_run_resumes_with_exactly_the_same_weights(photo_folder, tmp_path):
