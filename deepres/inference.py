@@ -108,8 +108,13 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def load(run: str | Path) -> Classifier:
-    """The trained net of a run directory or shipped net, with its preprocessing, to classify."""
+def load(run: str | Path, fold_bn: bool = False) -> Classifier:
+    """The trained net of a run directory or shipped net, with its preprocessing, to classify.
+
+    fold_bn: each BN folded into the conv before it, and channels_last, for faster inference
+    (what `deepres bench infer` times); its probabilities differ from the net's in the last
+    bits, so eval and predict, whose numbers must match training's evaluation, keep BN.
+    """
     run = resolve_run(run)
     saved = read_config(run)
     model = create_model(saved["model"], **saved["model_options"])
@@ -125,6 +130,8 @@ def load(run: str | Path) -> Classifier:
     iteration = trained_iteration(run, meta)
     if iteration is None:  # a net shipped before its weights carried the iteration
         iteration = shipped_iterations(run)
+    if fold_bn:
+        model = fold_batchnorm(model).to(memory_format=torch.channels_last)
     return Classifier(model, preprocess, saved["classes"], saved["input_size"], resize, iteration)
 
 

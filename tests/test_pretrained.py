@@ -514,3 +514,11 @@ def test_a_folder_is_swapped_in_whole_or_left_as_it_was(tmp_path, monkeypatch):
         _swap_in(dest, write("newest"), then=refuse("manifest"))
     (kept,) = tmp_path.glob(".net.old.*")
     assert (kept / "net" / "a.txt").read_text() == "new"
+
+
+def test_load_with_folded_bn_gives_the_net_s_probabilities(finished_run):
+    plain, folded = deepres.load(finished_run), deepres.load(finished_run, fold_bn=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    batch = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    torch.testing.assert_close(folded(batch), plain(batch), atol=1e-5, rtol=1e-4)
