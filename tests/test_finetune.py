@@ -184,9 +184,10 @@ def test_train_init_freeze_backbone_and_resume(tiny_folder, tmp_path):
 
 def test_cli_train_init_from_a_run(tiny_folder, tmp_path, capsys):
     base = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
-    base += ["--iters", "2", "--batch-size", "16", "--quiet"]
+    base += ["--iters", "2", "--batch-size", "16", "--quiet", "--device", "cpu"]
     first, second = tmp_path / "first", tmp_path / "second"
-    assert main([*base, "--out", str(first)]) == 0
+    # Another seed for the first run: a second run that ignored --init would start elsewhere.
+    assert main([*base, "--out", str(first), "--seed", "1"]) == 0
     assert main([*base, "--out", str(second), "--init", str(first)]) == 0
     capsys.readouterr()
     assert json.loads((second / "config.json").read_text())["config"]["init"] == str(first)

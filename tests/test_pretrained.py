@@ -255,8 +255,14 @@ def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path,
     assert f"{precision}-trained, stored fp32" in listed
     image = tmp_path / "red.png"
     Image.new("RGB", (12, 12), (200, 30, 30)).save(image)
-    assert main(["predict", "tiny-colours", str(image)]) == 0
-    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert main(["predict", "tiny-colours", str(image), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    # The shipped net's own answer, by name: every class, likeliest first.
+    expected = deepres.load(finished_run).topk(Image.open(image))
+    assert [(t["class"], t["probability"]) for t in top] == [
+        (name, pytest.approx(p, abs=1e-6)) for name, p in expected
+    ]
+    assert sorted(t["class"] for t in top) == ["blue", "green", "red"]
     assert main(["eval", "no-such-net"]) == 2
     assert "no such run directory, nor a shipped net" in capsys.readouterr().err
 
@@ -264,6 +270,11 @@ def test_cli_publish_pretrained_predict_by_name(finished_run, shipped, tmp_path,
 # ---- the nets deepres ships (deepres/weights, landed by issue 9's campaign)
 
 SHIPPED_NETS = manifest()
+
+
+def test_deepres_ships_nets():
+    # The tests below are parametrized by the manifest: without one they would not run at all.
+    assert len(SHIPPED_NETS) >= 7 and all(n.endswith(("-cifar10", "-bf16")) for n in SHIPPED_NETS)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_NETS))

@@ -49,8 +49,11 @@ def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_f
     assert [m["iteration"] for m in read_metrics(tmp_path / "run")] == [2, 4, 6]
     assert "test_error" in read_metrics(tmp_path / "run")[-1]
     # deepres.load takes the run as it is: a photo in, classes out.
-    top = deepres.load(tmp_path / "run").topk(Image.open(photo_folder / "val/ants/000.jpg"))
-    assert {name for name, _ in top} == {"ants", "bees"}
+    classifier = deepres.load(tmp_path / "run")
+    photo = Image.open(photo_folder / "val/ants/000.jpg")
+    probs = classifier(classifier.to_tensor(photo))[0].tolist()
+    expected = sorted(zip(classifier.classes, probs, strict=True), key=lambda c: -c[1])
+    assert classifier.topk(photo) == expected and sum(probs) == pytest.approx(1.0)
 
 
 def test_eval_of_a_streamed_run_defaults_to_its_centre_view(photo_folder, tmp_path):
