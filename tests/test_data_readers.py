@@ -347,6 +347,27 @@ def test_idx(tmp_path, compress):
     assert train.classes == [str(i) for i in range(10)]
 
 
+def test_zalando_s_files_are_named_as_such_in_any_folder(tmp_path):
+    # Fashion-MNIST's official first labels, in folders whose names (this test's too) say
+    # nothing of it.
+    folder = tmp_path / "fm"
+    _write_idx(folder, compress=True)
+    start = {"train": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9, 5, 5, 7, 9, 1, 0, 6, 4]}
+    start["test"] = [9, 2, 1, 1, 6, 1, 4, 6, 5, 7, 4, 5, 7, 3, 4, 1, 2, 4, 8, 0]
+    images = np.zeros((20, 28, 28), np.uint8)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+        labels = gzip.compress(_idx(np.array(start[split])))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(labels)
+        assert open_dataset(str(folder), split).classes == FASHION_MNIST_CLASSES
+    # Other labels: MNIST's digits.
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    labels = gzip.compress(_idx(np.array([5, 0, 4, *start["train"][3:]])))
+    (other / "train-labels-idx1-ubyte.gz").write_bytes(labels)
+    assert open_dataset(str(other)).classes == [str(i) for i in range(10)]
+
+
 def test_a_one_channel_run_end_to_end(tmp_path, capsys):
     # make demo's path: IDX digits (one channel) trained, evaluated, then asked about colour
     # photos of another size, which are turned grey and fitted as the run was tested.

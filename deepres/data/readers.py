@@ -34,6 +34,11 @@ from safetensors.torch import save as safetensors_bytes
 from deepres.data.augment import eight_bit
 from deepres.data.safe_pickle import DataError, restricted_loads
 
+# The first 20 labels of Fashion-MNIST's official train and test files (MNIST's differ).
+_FASHION_MNIST_START = {
+    "train": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9, 5, 5, 7, 9, 1, 0, 6, 4),
+    "test": (9, 2, 1, 1, 6, 1, 4, 6, 5, 7, 4, 5, 7, 3, 4, 1, 2, 4, 8, 0),
+}
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -100,8 +105,9 @@ _MAX_DEPTH = 5
 _IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Part of every cache key: raise it when decoding changes, so old entries are not reused
-# (2: 16-bit and float gray images scaled to 8 bits, no longer clipped).
-_CACHE_FORMAT = 2
+# (2: 16-bit and float gray images scaled to 8 bits, no longer clipped; 3: Fashion-MNIST's
+# files named by their labels too).
+_CACHE_FORMAT = 3
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
 # Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
@@ -682,6 +688,10 @@ def _read_idx(source: _Source, folder: str, split: str) -> tuple[np.ndarray, np.
             f" {source.where(labels_name)} has {len(labels)} labels"
         )
     fashion = "fashion" in f"{source.label}/{source.where(folder)}".lower()
+    # Fashion-MNIST's own files are known by their first labels wherever they lie.
+    fashion = fashion or labels[: len(_FASHION_MNIST_START[split])].tolist() == list(
+        _FASHION_MNIST_START[split]
+    )
     classes = FASHION_MNIST_CLASSES if fashion else DIGIT_CLASSES
     return images[:, None], labels, list(classes)
 
