@@ -121,7 +121,12 @@ restore: setup
 # all (.part until done) so that a stopped unzip is not taken for the 10,000.
 EVAL10K ?= runs/cifar10-train-first10k
 land: restore
-	@finished=""; for m in $(CAMPAIGN_NETS); do \
+	@for m in $(CAMPAIGN_NETS); do \
+	  test -f $(CAMPAIGN_RECORDS)/$$m/summary.json || continue; \
+	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { \
+	    echo "land: $$m ships, but $(CAMPAIGN_RUNS)/$$m is not its finished run (see restore above): the reports would leave it out"; exit 1; }; \
+	done; \
+	finished=""; for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || continue; \
 	  finished="$$finished,$$m"; \
 	  $(VENV)/bin/deepres publish $(CAMPAIGN_RUNS)/$$m $$m-cifar10 --once --record $(CAMPAIGN_RECORDS)/$$m \

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -122,7 +122,8 @@ def run_train_benchmark(config: TrainBench, command: str = "") -> dict:
         raise ValueError(
             f"--windows must be at least 2 (the first is warm-up), got {config.windows}"
         )
-    parse_device(config.device)
+    # Resolved once, for both sides and the record: the reference takes no "auto".
+    config = replace(config, device=str(parse_device(config.device)))
     refuse_below(
         {
             "--iters": (config.iters, 1),
@@ -215,7 +216,7 @@ def run_infer_benchmark(
     command: str = "",
 ) -> dict:
     """Forward passes of deepres's net and the reference's at each batch size; rates and ratios."""
-    parse_device(device)
+    device = str(parse_device(device))  # the reference takes no "auto"
     refuse_below({"--iters": (iters, 1), "--image-size": (image_size, 1)})
     context = environment(device, command)
     ours = {b: bench_infer(model, b, iters, device, image_size) for b in batch_sizes}
@@ -329,7 +330,7 @@ def run_data_benchmark(config: DataBench, command: str = "") -> dict:
         raise ValueError(
             f"bench data times an ImageNet net's training (resnet18 ...), not {config.model}"
         )
-    parse_device(config.device)
+    config = replace(config, device=str(parse_device(config.device)))
     refuse_below(
         {
             "--batch-size": (config.batch_size, 1),

@@ -41,6 +41,10 @@ def world() -> tuple[int, int]:
 def setup(device: torch.device) -> torch.device:
     """Join torchrun's process group when launched by it; the device this process trains on."""
     if world()[1] == 1:
+        if device.type == "cuda" and device.index is not None:
+            # CUDA graphs capture on the current device's streams: cuda:1 must be current, or
+            # the capture records nothing and every replay trains nothing.
+            torch.cuda.set_device(device)
         return device
     if not dist.is_available():
         raise ValueError("WORLD_SIZE is set, but this PyTorch build has no torch.distributed")

@@ -107,10 +107,13 @@ def test_bench_train_cli_compares_both_sides_and_saves(tiny_folder, tmp_path, ca
 
 def test_bench_infer_cli(tmp_path, capsys):
     argv = ["bench", "infer", "--model", "resnet20", "--batch-sizes", "2,1"]
-    argv += ["--iters", "2", "--image-size", "16", "--json"]
+    argv += ["--iters", "2", "--image-size", "16", "--json", "--device", "auto"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["batch_sizes"]) == {"2", "1"}
+    # "auto" resolved once, for both sides and the record.
+    gpu = torch.cuda.is_available()
+    assert result["device_name"] == (torch.cuda.get_device_name(0) if gpu else "cpu")
     for row in result["batch_sizes"].values():
         assert row["deepres_images_per_sec"] > 0 and row["reference_images_per_sec"] > 0
     for sizes in ("0", "abc", "32,-1"):

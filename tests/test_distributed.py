@@ -10,6 +10,7 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 import deepres
+from deepres import distributed
 from deepres.cli import main
 from deepres.models import create_model
 from deepres.report import read_metrics
@@ -166,3 +167,13 @@ def test_a_torchrun_environment_that_is_half_there_is_a_one_line_error(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_numbered_gpu_is_made_current_outside_torchrun(monkeypatch):
+    # CUDA graphs capture on the current device's streams: cuda:1 must be current to train.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.setup(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
+    assert current == [torch.device("cuda", 1)]
