@@ -492,7 +492,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
 
     run.mkdir(parents=True, exist_ok=True)
     if main:
-        held.enter_context(_only_session(run))
+        held.enter_context(hold_run(run))
     if resume:
         state = load_checkpoint(run, model, optimizer)
         if main:
@@ -591,7 +591,7 @@ def _device_name(device: torch.device) -> str:
 
 
 @contextmanager
-def _only_session(run: Path) -> Iterator[None]:
+def hold_run(run: Path) -> Iterator[None]:
     """The run directory locked for this session: two at once would interleave their records
     and overwrite each other's checkpoints. The kernel lets go if the process dies."""
     fd = os.open(run, os.O_RDONLY)

@@ -1,4 +1,6 @@
+import fcntl
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +11,7 @@ from conftest import write_folder
 from matplotlib.figure import Figure
 
 from deepres import train as train_module
-from deepres.checkpoint import read_config
+from deepres.checkpoint import load_tensors, read_config
 from deepres.cli import main
 from deepres.data import open_dataset
 from deepres.experiments import degradation, reproduce, responses, shortcuts, table6
@@ -237,6 +239,37 @@ def test_a_stopped_run_stops_the_experiment(tiny_folder, tmp_path, monkeypatch, 
     monkeypatch.setattr(common, "train", real_train)
     assert main(args) == 0
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tiny_folder, tmp_path, capsys):
+    args = ["reproduce", "degradation", "--data", str(tiny_folder), "--budget", "smoke"]
+    args += ["--models", "resnet20", "--runs", str(tmp_path / "runs")]
+    args += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    first = (tmp_path / "runs" / "resnet20" / "summary.json").read_text()
+    copy = tmp_path / "first"
+    shutil.copytree(tmp_path / "runs" / "resnet20", copy)
+    # What a SIGKILL before the first checkpoint leaves: config.json and a record or two.
+    run = tmp_path / "runs" / "resnet20"
+    for name in ("checkpoint.safetensors", "model.safetensors", "summary.json"):
+        (run / name).unlink()
+    # While another process trains it, it is left alone...
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 2
+        assert "another process is training this run" in capsys.readouterr().err
+        assert (run / "config.json").is_file()
+    finally:
+        os.close(fd)
+    # ...and otherwise trained again from the start, to the same end (deterministic smoke).
+    assert main(args) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["iteration"] == json.loads(first)["iteration"]
+    assert again["train_error"] == json.loads(first)["train_error"]
+    assert torch.equal(
+        *(load_tensors(r / "model.safetensors")[0]["fc.weight"] for r in (run, copy))
+    )
 
 
 def fake_runs(**errors) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
 from deepres.paper import CIFAR10_CLASSES, TABLE6_ITERS
 from deepres.report import curve, final_training, moves, read_metrics
-from deepres.train import SUMMARY, TrainConfig, load_config, train
+from deepres.train import SUMMARY, TrainConfig, hold_run, load_config, train
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,11 @@ def ensure_run(ctx: Context, config: TrainConfig) -> Path:
         if (run / SUMMARY).exists():
             return run
         if not (run / CHECKPOINT).exists():
-            raise ValueError(f"{run}: a run that never reached its first checkpoint; remove it")
+            # Killed before its first checkpoint (SIGKILL, a machine lost): nothing to resume,
+            # so it starts again, unless another process is training it now (RunInUse).
+            with hold_run(run):
+                shutil.rmtree(run)
+            return ensure_run(ctx, config)
         # How it runs is today's, not what it started with: where it saves, whether it compiles
         # or replays CUDA graphs, the device, and the data's path (the same images, checked).
         today = {k: getattr(config, k) for k in ("checkpoint_every", "compile", "cuda_graph")}
