@@ -70,9 +70,10 @@ CAMPAIGN_BUDGET ?= full
 LANES ?= 2
 LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a two-thread step slowed 4x whenever a
-# test or build shared the cores; passive waits cost it 14% on an idle machine
-# (benchmarks/omp_wait_policy.py). It matters only where LANE_THREADS > 1 (LANES=1 on 2 cores):
-# a lane of one thread never waits for another.
+# test or build shared the cores; passive waits cost it 14% on an idle machine (AVX2 CPU,
+# ResNet-20) and 19% (AVX-512 BF16 CPU, ResNet-110 in bf16) (benchmarks/omp_wait_policy.py):
+# OMP_WAIT=ACTIVE where nothing else will run. It matters only where LANE_THREADS > 1 (LANES=1
+# on 2 cores): a lane of one thread never waits for another.
 OMP_WAIT ?= PASSIVE
 # torch.compile of the step: 1.05x for ResNet-56 in bf16 on the AVX512-BF16 CPU, ahead in every
 # round (benchmarks/step_variants.py), 1.03-1.06x in fp32 on the AVX2 one; ~45 s to compile at
