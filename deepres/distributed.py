@@ -58,6 +58,13 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is set on any rank; every rank calls this at the same step."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return bool(value.item())
+
+
 def teardown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():

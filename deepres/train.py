@@ -212,6 +212,11 @@ class Diverged(FloatingPointError):
     """Training reached a non-finite loss or weights; the run keeps its last finite checkpoint."""
 
 
+# Under torchrun the ranks agree on a stop signal at every log step and every this many steps
+# between (one all_reduce of one number): a stop within seconds, with no sync every step.
+STOP_CHECK_EVERY = 10
+
+
 class RunInUse(OSError):
     """Another process is training the run directory."""
 
@@ -303,6 +308,10 @@ def _train(
                     _log(s, iteration, lr, loss_sum, err_sum, images, timed, bar)
                     window.reset()
                     t_window, timed_from = time.perf_counter(), iteration
+                elif s.world_size > 1 and iteration % STOP_CHECK_EVERY == 0:
+                    # Between log steps too: torchrun kills its workers 30 s after a SIGTERM,
+                    # and 50 steps of a large net on CPUs take longer than that.
+                    agreed_stop = distributed.any_rank(stop.raised, s.device)
 
                 due = iteration % config.checkpoint_every == 0 or iteration == recipe.iters
                 # Under torchrun the ranks must stop at the same step: a signal counts once agreed.

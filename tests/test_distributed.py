@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from safetensors.torch import load_file
 
 import deepres
 from deepres import distributed
+from deepres import train as train_module
+from deepres.checkpoint import checkpoint_state
 from deepres.cli import main
 from deepres.models import create_model
 from deepres.report import read_metrics
@@ -177,3 +181,36 @@ def test_a_numbered_gpu_is_made_current_outside_torchrun(monkeypatch):
     assert distributed.setup(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
     assert current == [torch.device("cuda", 1)]
+
+
+def test_a_sigterm_stops_the_ranks_together_between_log_steps(tiny_folder, tmp_path):
+    # torchrun passes a SIGTERM on to its workers and kills them 30 s later: the ranks must
+    # agree on the stop and checkpoint well before their next log step (here never).
+    run, script = tmp_path / "run", tmp_path / "train_forever.py"
+    script.write_text(
+        "import sys\n"
+        "from deepres.train import TrainConfig, train\n"
+        "train(TrainConfig(model='resnet20', width=4, batch_size=16, data=sys.argv[1],\n"
+        "    out=sys.argv[2], iters=10**7, log_every=10**7, checkpoint_every=10**7,\n"
+        "    device='cpu'), progress=False)\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    child = subprocess.Popen(
+        [*command, "2", str(script), str(tiny_folder), str(run)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2)  # into the loop, past set-up
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=25)  # before torchrun's own SIGKILL at 30 s
+    finally:
+        child.kill()
+    state = checkpoint_state(run)
+    assert state is not None, err
+    assert state["iteration"] > 0 and state["iteration"] % train_module.STOP_CHECK_EVERY == 0
