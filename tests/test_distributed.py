@@ -201,6 +201,7 @@ def test_a_sigterm_stops_the_ranks_together_between_log_steps(tiny_folder, tmp_p
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # torchrun and its workers: one group, killed whole if need be
     )
     try:
         deadline = time.monotonic() + 120
@@ -210,7 +211,11 @@ def test_a_sigterm_stops_the_ranks_together_between_log_steps(tiny_folder, tmp_p
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=25)  # before torchrun's own SIGKILL at 30 s
     finally:
-        child.kill()
+        # A failure must not leave the workers training on (for 10**7 iterations).
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     state = checkpoint_state(run)
     assert state is not None, err
     assert state["iteration"] > 0 and state["iteration"] % train_module.STOP_CHECK_EVERY == 0

@@ -200,7 +200,10 @@ def test_a_stop_signalled_to_the_whole_group_checkpoints_a_streamed_run(photo_fo
         os.killpg(child.pid, signal.SIGTERM)
         out, err = child.communicate(timeout=120)
     finally:
-        child.kill()
+        try:  # the workers too, should the test fail with them alive
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert child.returncode == 130, err
     stopped_at = json.loads(out)["iteration"]
     assert checkpoint_state(run)["iteration"] == stopped_at >= 50
