@@ -47,6 +47,7 @@ def main() -> None:
     result = {
         "benchmark": "omp_wait_policy",
         "model": args.model,
+        "precision": args.precision,
         "batch_size": args.batch_size,
         "threads": threads,
         "seconds_per_run": args.seconds,

@@ -105,6 +105,11 @@ def parse_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: deepres runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            "cuda:0 and up"
+        )
     return device
 
 

@@ -157,7 +157,7 @@ def publish(
         if mine:
             if record is not None and not all((Path(record) / n).is_file() for n in RECORD):
                 _copy_files(run, Path(record), RECORD)
-            return _hashes_added(mine[0], nets, root)
+            return add_missing_hashes(mine[0], nets, root)
         if name in nets:
             name = f"{name}-{trained[3]}"
             if name in nets:
@@ -233,8 +233,12 @@ def _hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def _hashes_added(name: str, nets: dict[str, dict], root: Path) -> dict:
-    """A shipped net's entry, given the hashes a manifest from before them lacks."""
+def add_missing_hashes(name: str, nets: dict[str, dict], root: Path) -> dict:
+    """A shipped net's entry, given the hashes a manifest from before them lacks (written to it).
+
+    `publish --once` does this for a run shipped already; for a net whose run is gone:
+    python -c "from deepres.pretrained import *; add_missing_hashes(NAME, manifest(), SHIPPED)"
+    """
     entry = nets[name]
     if all(key in entry for key in _hashes(root / name)):
         return entry

@@ -372,6 +372,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     main = rank == 0
     run = Path(config.out)
     _check_run_dir(run, resume)
+    if main and resume:
+        # Before the data is decoded and moved: a second session learns at once that it is one.
+        held.enter_context(hold_run(run))
     # Every rank has looked before rank 0 writes config.json.
     distributed.barrier()
     if config.deterministic and device.type == "cuda":
@@ -500,7 +503,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
         )
 
     run.mkdir(parents=True, exist_ok=True)
-    if main:
+    if main and not resume:
         held.enter_context(hold_run(run))
     if resume:
         state = load_checkpoint(run, model, optimizer)
@@ -862,9 +865,10 @@ def _diverged(s: _Session, iteration: int, what: str) -> Diverged:
     if s.saved_at is None:
         kept = f"no checkpoint was saved: remove {run} and start again with a lower --lr"
     else:
-        # --lr sets the schedule's base rate; a milestone or the warm-up may have lowered it.
-        rate = s.recipe.lr_at(iteration, s.state["warming_up"])
-        was = f"{s.recipe.lr:g}" + (f", {rate:g} at this iteration" if rate != s.recipe.lr else "")
+        # --lr sets the schedule's base rate; a milestone or the warm-up may have lowered the
+        # rate of the steps that diverged (the last one's index is iteration - 1).
+        rate = s.recipe.lr_at(iteration - 1, s.state["warming_up"])
+        was = f"{s.recipe.lr:g}" + (f", {rate:g} in its last steps" if rate != s.recipe.lr else "")
         kept = (
             f"{run / CHECKPOINT} keeps iteration {s.saved_at}, the last finite state: "
             f"deepres train --resume {run} --lr LOWER (it was {was})"

@@ -297,7 +297,8 @@ def test_omp_wait_policy_hands_its_lanes_a_precision(monkeypatch, capsys):
     script = _script("omp_wait_policy")
     seen = []
     monkeypatch.setattr(script, "run_lanes", lambda args, *a: seen.append(args.precision) or [1.0])
-    monkeypatch.setattr("sys.argv", ["omp_wait_policy.py", "--rounds", "2", "--seconds", "1"])
+    argv = ["omp_wait_policy.py", "--rounds", "2", "--seconds", "1", "--precision", "bf16"]
+    monkeypatch.setattr("sys.argv", argv)
     script.main()
-    assert seen == ["fp32"] * 4
-    assert json.loads(capsys.readouterr().out)["benchmark"]
+    assert seen == ["bf16"] * 4
+    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"

@@ -207,7 +207,7 @@ def test_a_sigterm_stops_the_ranks_together_between_log_steps(tiny_folder, tmp_p
         deadline = time.monotonic() + 120
         while not (run / "config.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(2)  # into the loop, past set-up
+        time.sleep(3)  # into the loop (its stop handler set), past both ranks' set-up
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=25)  # before torchrun's own SIGKILL at 30 s
     finally:

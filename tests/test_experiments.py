@@ -242,7 +242,9 @@ def test_a_stopped_run_stops_the_experiment(tiny_folder, tmp_path, monkeypatch, 
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tiny_folder, tmp_path, capsys):
+    # --device cpu: the two trainings are compared bit for bit.
     args = ["reproduce", "degradation", "--data", str(tiny_folder), "--budget", "smoke"]
+    args += ["--device", "cpu"]
     args += ["--models", "resnet20", "--runs", str(tmp_path / "runs")]
     args += ["--out", str(tmp_path / "out"), "--quiet"]
     assert main(args) == 0

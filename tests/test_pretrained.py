@@ -280,7 +280,9 @@ def test_deepres_ships_nets():
 @pytest.mark.parametrize("name", sorted(SHIPPED_NETS))
 def test_each_shipped_net_is_the_net_its_manifest_names(name):
     entry = SHIPPED_NETS[name]
-    classifier = deepres.load(name)  # refuses weights whose sha256 differs from the manifest's
+    # Every file that shapes its predictions is checked: weights, mean image, config.
+    assert {"sha256", "preprocess_sha256", "predicts_sha256"} <= set(entry)
+    classifier = deepres.load(name)  # refuses files whose sha256 differs from the manifest's
     assert classifier.classes == entry["classes"]
     assert count_params(classifier.model) == entry["params"]
     assert entry["iterations"] > 0 and entry["command"]

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -329,3 +330,21 @@ def test_two_processes_under_torchrun_split_each_epoch(photo_folder, tmp_path):
         x = whole.batch(i)[0].double().sum((1, 2, 3))
         halves = ranks[0]["sums"][str(i)] + ranks[1]["sums"][str(i)]
         assert torch.allclose(torch.tensor(halves, dtype=torch.float64), x)
+
+
+def test_a_photo_worker_outlives_a_sigterm_by_its_grace_then_ends():
+    # A stop sent to the whole group reaches the workers too: they must not die before the main
+    # process has checkpointed and shut them down, nor live on for ever if it never does.
+    code = (
+        "import os, signal, time\n"
+        "from deepres.data import stream\n"
+        "stream.WORKER_GRACE = 1\n"
+        "stream._quiet_worker(0)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.3)\n"
+        "print('alive', flush=True)\n"
+        "time.sleep(10)\n"
+        "print('never')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "alive\n" and done.returncode == -signal.SIGALRM

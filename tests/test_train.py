@@ -25,6 +25,7 @@ from deepres.cli import build_parser, main
 from deepres.data import open_dataset
 from deepres.data.loader import split_train_val
 from deepres.evaluate import error_rates
+from deepres.inference import parse_device
 from deepres.models import create_model
 from deepres.provenance import git_commit, git_dirty, machine
 from deepres.recipes import RECIPES, default_recipe, get_recipe
@@ -517,7 +518,7 @@ def test_divergence_stops_keeps_the_finite_checkpoint_and_resumes_with_a_new_lr(
     assert f"{run}: training diverged at iteration" in line
     assert "train loss nan" in line or "train loss inf" in line
     assert "keeps iteration 4" in line
-    assert line.endswith("--lr LOWER (it was 1e+09, 1e+08 at this iteration)")
+    assert line.endswith("--lr LOWER (it was 1e+09, 1e+08 in its last steps)")
     # The checkpoint and weights of iteration 4 are kept as they were, and finite.
     assert files(run)[CHECKPOINT] == before[CHECKPOINT]
     assert files(run)["model.safetensors"] == before["model.safetensors"]
@@ -535,6 +536,16 @@ def test_divergence_stops_keeps_the_finite_checkpoint_and_resumes_with_a_new_lr(
     assert saved["config"]["lr"] == saved["recipe"]["lr"] == 0.05
     assert saved["lr_changes"][-1] == {"iteration": 4, "lr": 0.05}
     assert load_config(run).lr == 0.05
+
+
+def test_the_divergence_line_gives_the_rate_its_last_steps_ran_at():
+    # --lr sets the base rate; past a milestone, or warming up, the steps ran at less.
+    recipe = replace(get_recipe("cifar").scaled(12), lr=1.0)  # milestones at 6 and 9
+    s = argparse.Namespace(
+        run=Path("r"), saved_at=4, recipe=recipe, state={"warming_up": False}, last_loss=math.nan
+    )
+    assert str(train_module._diverged(s, 6, "x")).endswith("(it was 1)")  # steps 4, 5
+    assert str(train_module._diverged(s, 8, "x")).endswith("(it was 1, 0.1 in its last steps)")
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_saves_nothing(tiny_folder, tmp_path):
@@ -931,3 +942,11 @@ def test_records_mark_code_that_differs_from_its_commit(tiny_folder, tmp_path, m
     saved["config"]["precision"] = "bf16"
     (run / "config.json").write_text(json.dumps(saved))
     assert run_status(run)["precision"] == "bf16"
+
+
+def test_a_cuda_device_beyond_the_machine_s_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:3: this machine has 1 CUDA device"):
+        parse_device("cuda:3")
+    assert parse_device("cuda:0") == torch.device("cuda", 0)

@@ -246,8 +246,10 @@ def _is_shard(path: Path, look_at: int = 16) -> bool:
     # A WebDataset shard names its labels key.cls; a tar of class folders or CIFAR has none.
     try:
         is_tar = tarfile.is_tarfile(path)
-    except _TAR_ERRORS as error:  # a compressed file cut short, say: no shard yet
+    except (EOFError, tarfile.TarError, zlib.error) as error:  # a compressed file cut short
         raise DataError(f"{path}: corrupt archive ({type(error).__name__}: {error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     if not is_tar:
         return False
     try:
@@ -357,6 +359,10 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | str:
     return images, torch.tensor([label for _, label in items], dtype=torch.int64)
 
 
+# Seconds a photo-loading worker lives on after a SIGTERM (see _quiet_worker).
+WORKER_GRACE = 20
+
+
 def _quiet_worker(_: int) -> None:
     # Ctrl-C reaches the whole process group, and a stop by SIGTERM often does too (kill -- -PGID,
     # a batch system or systemd stopping the job). The main process stops the run at a step
@@ -364,7 +370,9 @@ def _quiet_worker(_: int) -> None:
     # would turn that clean stop into a "DataLoader worker killed" crash and lose the
     # checkpoint. A worker whose main process is gone exits by itself (DataLoader's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A SIGTERM leaves the worker WORKER_GRACE seconds to be shut down by its main process, as
+    # it is at a clean stop; one still alive then (stuck, or orphaned) ends by SIGALRM.
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_GRACE))
 
 
 def _loader(views: _Views, requests, workers: int, pin_memory: bool) -> DataLoader:
