@@ -531,6 +531,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
                 "steps_per_epoch": steps_per_epoch,
                 "n_train": n_train,
                 "eval_split": eval_split,
+                # How many images each held-out error is over (its standard error needs it).
+                "eval_images": None if eval_labels is None else len(eval_labels),
                 "data_source": source,
                 # config.data stays as given; this finds the data from another folder.
                 "data_path": absolute_data(config.data),

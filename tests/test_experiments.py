@@ -143,6 +143,8 @@ def test_shortcuts_smoke(tiny_folder, tmp_path):
     result = smoke(tiny_folder, tmp_path, "shortcuts", ["resnet20"])
     check_report(result, tmp_path / "shortcuts", ["shortcuts.png"])
     assert [r["shortcut"] for r in result["runs"].values()] == ["A", "B", "C"]
+    # Scored on the folder's test split, 18 images: what the verdicts' chance note needs.
+    assert {r["eval_images"] for r in result["runs"].values()} == {18}
     assert (
         result["runs"]["resnet20-C"]["params"]
         > result["runs"]["resnet20-B"]["params"]

@@ -180,8 +180,10 @@ def run_result(run: Path) -> dict:
         "train_loss": train_loss,
         "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
         "eval_split": split,
-        # How many images the held-out error is over, where the run says (its --val-split).
-        "eval_images": saved["config"].get("val_split") if split == "val" else None,
+        # How many images the held-out error is over (runs from before config.json said so:
+        # their --val-split, where that is the split).
+        "eval_images": saved.get("eval_images")
+        or (saved["config"].get("val_split") if split == "val" else None),
         "precision": saved["config"].get("precision", "fp32"),
         "iters": metrics[-1]["iteration"],
         "params": count_params(model),
