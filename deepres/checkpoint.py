@@ -167,6 +167,8 @@ def read_config(run: Path) -> dict:
         check_options(saved["model"], saved["model_options"])
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    if not all(isinstance(name, str) for name in saved["classes"]):
+        raise ValueError(f"{path}: its class names are not all strings")
     outputs = saved["model_options"].get("num_classes", len(saved["classes"]))
     if outputs != len(saved["classes"]):
         raise ValueError(f"{path}: names {len(saved['classes'])} classes for a net of {outputs}")

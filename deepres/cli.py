@@ -295,9 +295,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         # One damaged run is named, and the others are still listed.
         try:
             rows.append(run_status(run))
-        except (ValueError, OSError) as err:  # these name the file already
-            broken.append(str(err))
-        except (KeyError, TypeError, AttributeError, ZeroDivisionError) as err:
+        except (ValueError, OSError) as err:  # most name the file already
+            named = str(err).startswith(str(run))
+            broken.append(str(err) if named else f"{run}: a damaged run file ({err})")
+        except (KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError) as err:
             broken.append(f"{run}: a damaged run file ({type(err).__name__}: {err})")
     if broken and not rows:
         raise ValueError("; ".join(broken))
@@ -791,6 +792,15 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except (ValueError, OSError, FloatingPointError) as err:
         print(f"deepres {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        # Sizes that pass every check and still ask for more memory than there is (--width
+        # 100000): torch's allocator says so in a RuntimeError of many lines.
+        text = str(err)
+        if not isinstance(err, MemoryError) and "memory" not in text:
+            raise
+        cause = next((line for line in text.splitlines() if "memory" in line), text)
+        print(f"deepres {args.command}: error: out of memory ({cause.strip()})", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         print(f"deepres {args.command}: {err or 'interrupted'}", file=sys.stderr)

@@ -162,10 +162,6 @@ def publish(
             name = f"{name}-{trained[3]}"
             if name in nets:
                 raise ValueError(f"{name}: shipped already, from another run")
-    # The record first: weights shipped without it could not be restored, while a record
-    # without its weights is published again by the next `publish --once`.
-    if record is not None:
-        _copy_files(run, Path(record), RECORD)
     weights, _ = load_tensors(run / WEIGHTS)
     fp32_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if bf16 is None:
@@ -186,6 +182,11 @@ def publish(
         data = locate_data(saved["config"]["data"], data_path)
         image_size = saved["config"]["image_size"]
         saved["data_sha256"] = open_dataset(data, "train", image_size=image_size).fingerprint()
+    # The record once all of the run has been read (a failure before leaves an old record as
+    # it was), and before the weights: weights shipped without it could not be restored, while
+    # a record without its weights is published again by the next `publish --once`.
+    if record is not None:
+        _copy_files(run, Path(record), RECORD)
     out = root / name
 
     def write(folder: Path) -> None:
@@ -287,6 +288,10 @@ def _swap_in(
     # old one stays beside dest in .NAME.old.*, never lost.
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    # mkdtemp's folder is private (0700); the one it becomes gets the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    staged.chmod(0o777 & ~umask)
     old, placed, committed = None, False, False
     try:
         write(staged)

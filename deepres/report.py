@@ -75,8 +75,8 @@ def block_errors(metrics: list[dict], block: int) -> list[dict]:
     ResNet-20 over iterations 6,001-7,000, say, rather than each at the end of its log.
     """
     out = []
-    last = metrics[-1]["iteration"] if metrics else 0
-    for end in range(block, last + 1, block):
+    # Only the blocks that hold records: a damaged iteration of 10**12 is one block, not 10**9.
+    for end in sorted({-(-m["iteration"] // block) * block for m in metrics}):
         window = [m for m in metrics if end - block < m["iteration"] <= end]
         images = sum(m["images"] for m in window)
         if images:
@@ -105,6 +105,13 @@ def moves(saved: dict) -> list[dict]:
             found.append({"iteration": resume["iteration"], "device": resume["device"]})
         where = resume["device"]
     return found
+
+
+def _number(value: object, run: Path) -> float | None:
+    """A number of a run's metrics record, or None; anything else is a damaged file."""
+    if value is not None and not isinstance(value, int | float):
+        raise ValueError(f"{run / METRICS}: {value!r} where a number belongs")
+    return value
 
 
 def run_status(run: Path) -> dict:
@@ -141,7 +148,7 @@ def run_status(run: Path) -> dict:
         "finished": finished,
         "train_error": final_training(metrics)[0] if metrics else None,
         "train_loss": final_training(metrics)[1] if metrics else None,
-        "lr": last.get("lr"),
+        "lr": _number(last.get("lr"), run),
         # Saved resolved ("auto" became fp32 or bf16 when the run started).
         "precision": saved["config"].get("precision"),
         # Where it started (runs from before config.json named it: None), and where it went on.

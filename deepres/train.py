@@ -985,6 +985,8 @@ def load_config(run: Path) -> TrainConfig:
             **{k: v for k, v in saved["config"].items() if k in known}, out=str(run)
         )
         check_config(config)
-    except TypeError:  # a number saved as a string, say
+    except (TypeError, IndexError, KeyError, AttributeError):  # a number saved as a string, say
         raise ValueError(f"{Path(run) / CONFIG}: its settings are damaged") from None
+    except ValueError as err:  # a setting no run can use, named by check_config
+        raise ValueError(f"{Path(run) / CONFIG}: {err}") from None
     return replace(config, data=locate_data(config.data, saved.get("data_path")))

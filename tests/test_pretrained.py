@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import pickle
 import shutil
 import tarfile
@@ -535,3 +536,22 @@ def test_load_with_folded_bn_gives_the_net_s_probabilities(finished_run):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
     batch = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
     torch.testing.assert_close(folded(batch), plain(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_a_failed_publish_leaves_an_earlier_record_as_it_was(finished_run, shipped, tmp_path):
+    record = tmp_path / "record"
+    publish(finished_run, "tiny", "c", root=shipped, record=record)
+    before = {p.name: p.read_bytes() for p in record.iterdir()}
+    assert record.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run, broken)
+    (broken / WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        publish(broken, "other", "c", root=shipped, record=record)
+    assert {p.name: p.read_bytes() for p in record.iterdir()} == before
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

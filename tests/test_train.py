@@ -950,3 +950,60 @@ def test_a_cuda_device_beyond_the_machine_s_is_a_one_line_error(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:3: this machine has 1 CUDA device"):
         parse_device("cuda:3")
     assert parse_device("cuda:0") == torch.device("cuda", 0)
+
+
+def test_damaged_run_files_are_one_line_errors_naming_the_run(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=4), stop_at=2, progress=False)
+    config, metrics = run / "config.json", run / "metrics.jsonl"
+    saved, records = json.loads(config.read_text()), metrics.read_text()
+
+    def damaged(config_change=None, record_change=None):
+        changed = json.loads(json.dumps(saved))
+        (config_change or (lambda c: None))(changed)
+        config.write_text(json.dumps(changed))
+        record = {**json.loads(records.splitlines()[-1]), **(record_change or {})}
+        metrics.write_text(json.dumps(record) + "\n")
+
+    # status: an iteration of 10**12 is one block of the table (once a loop of 10**9 blocks)...
+    damaged(None, {"iteration": 10**12})
+    assert main(["status", str(run), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["train_error_by_block"]) == 1
+    # ...and NaN or infinite budgets, an lr that is no number: one line naming the run, and no
+    # half-printed table.
+    for config_change, record_change in (
+        (lambda c: c["recipe"].update(iters=float("nan")), None),
+        (lambda c: c["recipe"].update(iters=float("inf")), None),
+        (None, {"lr": "x"}),
+    ):
+        damaged(config_change, record_change)
+        assert main(["status", str(run)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert err.startswith(f"deepres status: error: {run}")
+    # resume and eval: damaged settings, class names that are not names.
+    damaged(lambda c: c["config"].update(scale=[]))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert one_line(capsys).startswith(f"deepres train: error: {config}: ")
+    damaged(lambda c: c.update(classes=[1, 2, 3]))
+    assert main(["eval", str(run), "--data", str(tiny_folder)]) == 2
+    assert one_line(capsys).endswith(f"{config}: its class names are not all strings")
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail]\nDefaultCPUAllocator: not enough memory: you tried X")
+
+    monkeypatch.setattr("deepres.cli.create_model", too_big)
+    assert main(["models", "resnet20"]) == 2
+    assert one_line(capsys).endswith(
+        "out of memory (DefaultCPUAllocator: not enough memory: you tried X)"
+    )
+
+    # Other errors of torch are bugs, and keep their traceback.
+    def broken(*args, **kwargs):
+        raise RuntimeError("some kernel failed")
+
+    monkeypatch.setattr("deepres.cli.create_model", broken)
+    with pytest.raises(RuntimeError, match="some kernel failed"):
+        main(["models", "resnet20"])
