@@ -75,8 +75,10 @@ def block_errors(metrics: list[dict], block: int) -> list[dict]:
     ResNet-20 over iterations 6,001-7,000, say, rather than each at the end of its log.
     """
     out = []
-    # Only the blocks that hold records: a damaged iteration of 10**12 is one block, not 10**9.
-    for end in sorted({-(-m["iteration"] // block) * block for m in metrics}):
+    # Only whole blocks that hold records: a damaged iteration of 10**12 is one block, not 10**9.
+    last = metrics[-1]["iteration"] if metrics else 0
+    ends = {-(-m["iteration"] // block) * block for m in metrics}
+    for end in sorted(e for e in ends if e <= last):
         window = [m for m in metrics if end - block < m["iteration"] <= end]
         images = sum(m["images"] for m in window)
         if images:
