@@ -205,6 +205,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     batch: list[tuple[Path, torch.Tensor]] = []
     for path in paths:
         try:
+            if not path.exists():  # (a dangling link too)
+                raise OSError("no such file")
             if not path.is_file():  # a named pipe would block the read forever
                 raise OSError("not a regular file")
             with Image.open(path) as image:

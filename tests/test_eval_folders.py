@@ -160,6 +160,11 @@ def test_predict_names_any_broken_image_after_answering_the_ones_before(
     os.mkfifo(pipe)  # opened, it would wait for a writer forever
     assert main(["predict", str(bare_run), str(pipe)]) == 2
     assert f"{pipe}: not an image deepres can read (not a regular file)" in capsys.readouterr().err
+    for missing in (tmp_path / "absent.png", tmp_path / "dangling.png"):
+        if missing.name.startswith("dangling"):
+            missing.symlink_to(tmp_path / "nowhere.png")
+        assert main(["predict", str(bare_run), str(missing)]) == 2
+        assert f"{missing}: not an image deepres can read (no such file)" in capsys.readouterr().err
 
 
 def test_a_closed_stdout_ends_the_command_quietly():
