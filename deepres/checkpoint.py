@@ -117,10 +117,12 @@ def read_json(path: Path) -> dict:
     """Read a JSON file, with an error that names it."""
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(
             f"{path}: no such file (is this a deepres run directory?)"
         ) from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, where a JSON file belongs") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 

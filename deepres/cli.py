@@ -145,6 +145,13 @@ def _given_flags(command_line: str) -> set[str]:
     return {dest for dest, value in parsed.items() if value is not not_given}
 
 
+def _file_to_write(text: str) -> Path:
+    # Path("") is Path("."), the folder here: an empty argument would be written over it.
+    if not text:
+        raise argparse.ArgumentTypeError("give the path of the file to write")
+    return Path(text)
+
+
 def _sizes(text: str) -> list[int]:
     try:
         low, high = (int(side) for side in text.split(","))
@@ -288,6 +295,9 @@ def cmd_pretrained(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """deepres status: where each run below the folders stands (exit 2 if one is damaged)."""
+    missing = next((p for p in args.paths if not Path(p).exists()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{missing}: no such file or directory")
     runs = find_runs(args.paths)
     if not runs:
         where = ", ".join(map(str, args.paths))
@@ -655,7 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="default: runs")
     p.add_argument("--json", action="store_true", help="one JSON list of the runs")
     p.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw their error curves in one figure"
+        "--plot",
+        type=_file_to_write,
+        metavar="PNG",
+        help="also draw their error curves in one figure",
     )
     p.add_argument(
         "--blocks",
@@ -701,7 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a trained run as ONNX, preprocessing and softmax included")
     p.add_argument("run", type=Path, help="a run directory or a shipped net's name")
-    p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="e.g. model.onnx")
+    p.add_argument(
+        "--onnx", type=_file_to_write, required=True, metavar="FILE", help="e.g. model.onnx"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="time deepres against the plain-PyTorch reference")

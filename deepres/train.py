@@ -627,6 +627,8 @@ def _check_run_dir(run: Path, resume: bool) -> None:
         raise FileNotFoundError(
             f"{run / CHECKPOINT}: no checkpoint to resume from; remove {run} and start again"
         )
+    if run.exists() and not run.is_dir():
+        raise FileExistsError(f"{run}: a file, not a folder; choose another --out")
     if not resume and (run / CONFIG).exists():
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
     # A new run writes model.safetensors, metrics.jsonl and more: never over someone's files.

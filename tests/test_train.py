@@ -1007,3 +1007,26 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("deepres.cli.create_model", broken)
     with pytest.raises(RuntimeError, match="some kernel failed"):
         main(["models", "resnet20"])
+
+
+def test_paths_of_the_wrong_kind_are_one_line_errors_that_say_so(tiny_folder, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    args = ["train", "--model", "resnet20", "--data", str(tiny_folder), "--quiet"]
+    assert main([*args, "--out", str(a_file)]) == 2
+    assert one_line(capsys).endswith(f"{a_file}: a file, not a folder; choose another --out")
+    assert a_file.read_text() == "mine"
+    # A file given as a run: no config.json in it, said as much (not "[Errno 20] ...").
+    assert main(["eval", str(a_file)]) == 2
+    assert one_line(capsys).endswith(
+        f"{a_file / 'config.json'}: no such file (is this a deepres run directory?)"
+    )
+    (tmp_path / "odd" / "config.json").mkdir(parents=True)
+    assert main(["eval", str(tmp_path / "odd")]) == 2
+    assert one_line(capsys).endswith("config.json: a folder, where a JSON file belongs")
+    assert main(["status", str(tmp_path / "absent")]) == 2
+    assert one_line(capsys).endswith(f"{tmp_path / 'absent'}: no such file or directory")
+    for args in (["status", str(tmp_path), "--plot", ""], ["export", "x", "--onnx", ""]):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2 and "give the path of the file to write" in one_line(capsys)
