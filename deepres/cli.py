@@ -216,8 +216,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 raise OSError("no such file")
             if not path.is_file():  # a named pipe would block the read forever
                 raise OSError("not a regular file")
-            with Image.open(path) as image:
-                batch.append((path, classifier.to_tensor(image)))
+            # Pillow's warnings (a decompression bomb's, say) name no file: said again with it.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with Image.open(path) as image:
+                    batch.append((path, classifier.to_tensor(image)))
+            for warning in caught:
+                warnings.warn(f"{path}: {warning.message}", stacklevel=2)
         # Pillow reports a broken file as any of these, a decompression bomb included.
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             _print_predictions(classifier, batch, args)  # the files read before it still count

@@ -167,6 +167,14 @@ def test_predict_names_any_broken_image_after_answering_the_ones_before(
         assert f"{missing}: not an image deepres can read (no such file)" in capsys.readouterr().err
 
 
+def test_a_warning_about_an_image_names_it(bare_run, tiny_folder, monkeypatch, capsys):
+    image = next((tiny_folder / "test" / "red").iterdir())  # 12x12: 144 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a "decompression bomb" above 100
+    assert main(["predict", str(bare_run), str(image)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{image}: Image size (144 pixels) exceeds limit" in err[0]
+
+
 def test_a_closed_stdout_ends_the_command_quietly():
     # `deepres predict RUN DIR | head`: the reader leaves before the command has printed.
     # Buffered, as a pipe's stdout is unless PYTHONUNBUFFERED is set.
