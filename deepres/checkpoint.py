@@ -47,9 +47,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     try:
         os.close(fd)
         # mkstemp makes the file private (0600); the result should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        usual_mode(Path(tmp), 0o666)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -61,13 +59,24 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(path.parent)  # the rename itself
     except OSError as err:
         raise _cannot_write(path, err) from None
+
+
+def usual_mode(path: Path, mode: int) -> None:
+    """Give a file or folder made private (mkstemp, mkdtemp) the mode the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -99,11 +108,7 @@ def append_text(path: Path, text: str) -> None:
 def sync_file(path: Path) -> None:
     """Flush a file that is appended to onto the disk, so that what follows cannot outlive it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
     except OSError as err:
         raise _cannot_write(path, err) from None
 

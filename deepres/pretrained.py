@@ -26,6 +26,7 @@ from deepres.checkpoint import (
     read_config,
     read_json,
     save_tensors,
+    usual_mode,
     write_json,
 )
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, open_dataset
@@ -288,10 +289,7 @@ def _swap_in(
     # old one stays beside dest in .NAME.old.*, never lost.
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    # mkdtemp's folder is private (0700); the one it becomes gets the usual mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    staged.chmod(0o777 & ~umask)
+    usual_mode(staged, 0o777)  # mkdtemp's folder is private (0700)
     old, placed, committed = None, False, False
     try:
         write(staged)
