@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from deepres.checkpoint import read_config
 from deepres.data import DataError, available_splits, open_dataset
+from deepres.data.augment import resize_shorter
 from deepres.data.loader import Preprocess, split_train_val
 from deepres.data.readers import (
     NAMED_DATA,
@@ -27,6 +28,7 @@ from deepres.data.readers import (
     absolute_data,
     list_image_folder,
     locate_data,
+    match_channels,
     read_full_size,
 )
 from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
@@ -92,14 +94,6 @@ def channel_preprocess(preprocess: Preprocess) -> Preprocess:
     return Preprocess(
         preprocess.mean.mean((1, 2), keepdim=True), preprocess.std.mean((1, 2), keepdim=True)
     )
-
-
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """The image scaled, aspect kept, to a shorter side of size (bilinear, as --image-size)."""
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image if resized == image.size else image.resize(resized, Image.Resampling.BILINEAR)
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -326,6 +320,8 @@ def evaluate_run(
     if keep is not None:
         index = keep(len(labels))
         images, labels = images[index], labels[index]
+    if images.shape[1] in (1, 3) and images.shape[2:] == tuple(classifier.input_size[1:]):
+        images = match_channels(images, classifier.input_size[0])
     if list(images.shape[1:]) != classifier.input_size:
         raise ValueError(
             f"{data}: images {list(images.shape[1:])} do not fit {run} ({classifier.input_size})"

@@ -48,10 +48,10 @@ from deepres.checkpoint import (
     write_json,
     write_text,
 )
-from deepres.data import ImageDataset, available_splits, open_dataset
+from deepres.data import DataError, ImageDataset, available_splits, open_dataset
 from deepres.data.augment import Augment
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
-from deepres.data.readers import absolute_data, locate_data
+from deepres.data.readers import absolute_data, locate_data, match_channels
 from deepres.data.stream import (
     PhotoStream,
     default_workers,
@@ -67,7 +67,7 @@ from deepres.inference import parse_device
 from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty, machine
 from deepres.recipes import Recipe, default_recipe, get_recipe
-from deepres.report import METRICS, plot_run, read_metrics
+from deepres.report import METRICS, final_training, plot_run, read_metrics
 
 
 @dataclass
@@ -372,6 +372,10 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     main = rank == 0
     run = Path(config.out)
     _check_run_dir(run, resume)
+    data = Path(config.data).expanduser()
+    if data.is_dir() and run.resolve().is_relative_to(data.resolve()):
+        # Its plots and checkpoints would be read as images, its folder as a class.
+        raise ValueError(f"--out {run}: inside the training data {config.data}; choose another")
     if main and resume:
         # Before the data is decoded and moved: a second session learns at once that it is one.
         held.enter_context(hold_run(run))
@@ -426,6 +430,17 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     if len(classes) < 2:
         raise ValueError(f"{source}: one class ({classes[0]}) only; a classifier needs two or more")
     recipe, steps_per_epoch = _recipe(config, n_train, streaming)
+    if resume:
+        saved = read_config(run)
+        _check_same_data(run, saved, config.data, classes, n_train, eval_labels)
+        if not streaming and saved.get("data_sha256") not in (None, dataset.fingerprint()):
+            # Other pixels of as many images in the same classes: another JPEG decoder, say.
+            warnings.warn(
+                f"{config.data}: its images differ in content from those {run} started on "
+                "(another sha256 of the decoded pixels); resuming on them",
+                stacklevel=2,
+            )
+        recipe = _saved_recipe(run, saved, config)
     normalize = config.normalize or recipe.normalize
     if streaming and normalize != "channel":
         raise ValueError(
@@ -645,7 +660,18 @@ def _open_data(config: TrainConfig) -> tuple[ImageDataset, torch.Tensor, tuple]:
         return dataset, train_idx, ("val", dataset.images[val_idx], dataset.labels[val_idx])
     if "test" in available_splits(config.data):
         test = open_dataset(config.data, "test", image_size=config.image_size)
-        return dataset, train_idx, ("test", test.images, test.labels)
+        (height, width), (train_height, train_width) = (
+            test.images.shape[2:],
+            dataset.images.shape[2:],
+        )
+        if (height, width) != (train_height, train_width):
+            raise DataError(
+                f"{config.data}: its test images are {width}x{height}, its training images "
+                f"{train_width}x{train_height}; --image-size N resizes both"
+            )
+        # One colour image among gray ones makes a split RGB: seen as the net's input is.
+        images = match_channels(test.images, dataset.images.shape[1])
+        return dataset, train_idx, ("test", images, test.labels)
     return dataset, train_idx, (None, None, None)
 
 
@@ -662,6 +688,52 @@ def _recipe(config: TrainConfig, n_train: int, photos: bool) -> tuple[Recipe, in
     elif config.iters is not None:
         recipe = recipe.scaled(config.iters)
     return recipe, steps_per_epoch
+
+
+def _saved_recipe(run: Path, saved: dict, config: TrainConfig) -> Recipe:
+    """The recipe a run started with, as its config.json recorded it (--lr given anew wins)."""
+    # A resume goes on with it even where this code's recipe of that name changed since: a
+    # field added later takes its default, which is how the run trained before it existed.
+    known = {f.name for f in fields(Recipe)}
+    try:
+        recipe = Recipe(**{k: v for k, v in saved["recipe"].items() if k in known})
+        recipe = replace(recipe, milestones=tuple(recipe.milestones))
+    except (TypeError, AttributeError):
+        raise ValueError(f"{run / CONFIG}: its settings are damaged") from None
+    return recipe if config.lr is None else replace(recipe, lr=config.lr)
+
+
+def _check_same_data(
+    run: Path,
+    saved: dict,
+    data: str,
+    classes: list[str],
+    n_train: int,
+    eval_labels: torch.Tensor | None,
+) -> None:
+    """Refuse to resume a run on data other than it started on: its split would move."""
+    # The held-out images are drawn from the image count: one image more or less and most of
+    # them would be trained on from here, and a renamed class would swap labels mid-run.
+    n_eval = None if eval_labels is None else len(eval_labels)
+    why = None
+    if saved.get("classes") != classes:
+        before, now = saved.get("classes") or [], classes
+        gone = [c for c in before if c not in now][:3]
+        new = [c for c in now if c not in before][:3]
+        why = (
+            "other classes"
+            + (f": no {', '.join(gone)}" if gone else "")
+            + (f"{';' if gone else ':'} new {', '.join(new)}" if new else "")
+        )
+    elif saved.get("n_train") != n_train:
+        why = f"{saved.get('n_train')} training images then, {n_train} now"
+    elif "eval_images" in saved and saved["eval_images"] != n_eval:
+        why = f"{saved['eval_images']} held-out images then, {n_eval} now"
+    if why:
+        raise ValueError(
+            f"{data}: not the data {run} started on ({why}); resume it on that data, "
+            "or train a new run"
+        )
 
 
 # ---- the loop's parts: one step, the window of sums it feeds, a log record, a checkpoint
@@ -816,7 +888,7 @@ def _log(
         "images_per_sec": images_per_sec,
     }
     recipe = s.recipe
-    if s.state["warming_up"] and record["train_error"] < 100 * recipe.warmup_until_error:
+    if s.state["warming_up"] and recipe.warmed_up(record["train_error"] / 100):
         s.state["warming_up"] = False
     if s.eval_images is not None and (iteration % s.eval_every == 0 or iteration == recipe.iters):
         logits = predict_logits(
@@ -925,7 +997,8 @@ def _finish(s: _Session, iteration: int, start_iter: int) -> dict:
     }
     metrics = read_metrics(run)
     if metrics:
-        summary["train_error"] = metrics[-1]["train_error"]
+        # As every report gives them: the mean over the run's last 1/128, not its last record.
+        summary["train_error"], summary["train_loss"] = final_training(metrics)
         evaluated = [m for m in metrics if f"{eval_split}_error" in m]
         if evaluated:
             summary[f"{eval_split}_error"] = evaluated[-1][f"{eval_split}_error"]

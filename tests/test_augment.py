@@ -9,13 +9,14 @@ from deepres.data import DataError
 from deepres.data.augment import (
     Augment,
     Lighting,
-    center_box,
+    center_view,
     colour_statistics,
     resized_crop,
     rrc_box,
     scale_box,
     view,
 )
+from deepres.evaluate import center_crop, resize_shorter
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
@@ -111,16 +112,40 @@ def test_random_resized_crop_boxes_keep_area_and_ratio_in_range():
     assert rrc_box(400, 10, rng, augment) == (193, 0, 206, 10)
 
 
-def test_centre_box_is_the_middle_of_the_resized_photo():
+def test_centre_view_is_the_middle_of_the_resized_photo():
     # 60x40 with the shorter side to 20 is 30x20; its central 16x16 starts at (7, 2).
-    assert center_box(60, 40, 20, 16) == (14, 4, 46, 36)
+    photo = smooth_photo(60, 40)
+    resized = np.asarray(Image.fromarray(photo).resize((30, 20), Image.Resampling.BILINEAR))
+    view_ = np.asarray(center_view(Image.fromarray(photo), 20, 16))
+    assert np.array_equal(view_, resized[2:18, 7:23])
     assert Augment(crop=224).center_resize == 256
     assert Augment.scaled(crop=112).sizes == (128, 240)
 
 
+# The central 32x32 of an 800x600 photo with its shorter side at 36 (48x36), in the photo's
+# pixels: from (8, 2) to (40, 34) of the resized one.
+CENTRE_BOX = (8 * 800 / 48, 2 * 600 / 36, 40 * 800 / 48, 34 * 600 / 36)
+
+
+def test_held_out_views_are_the_ones_eval_and_predict_see():
+    # A large JPEG, which training views decode in draft mode: the held-out view a run scores
+    # is decoded whole, as deepres eval --protocol center and predict see the photo.
+    data = encoded(smooth_photo(800, 600), "JPEG", quality=95)
+    augment = Augment(crop=32, sizes=(36, 64))
+    assert augment.center_resize == 37  # 32 x 256 / 224
+    held_out = view(data, "photo.jpg", augment, None)
+    x = torch.from_numpy(np.asarray(resize_shorter(Image.open(io.BytesIO(data)), 37)).copy())
+    seen = center_crop(x.permute(2, 0, 1), 32).permute(1, 2, 0).numpy()
+    assert held_out.shape == (32, 32, 3) and np.array_equal(held_out, seen)
+    # What training scored before: the same box (from (8, 2) of the 49x37 photo), drafted.
+    box = (8 * 800 / 49, 2 * 600 / 37, 40 * 800 / 49, 34 * 600 / 37)
+    drafted = np.asarray(resized_crop(Image.open(io.BytesIO(data)), box, 32))
+    assert not np.array_equal(drafted, seen)
+
+
 def test_draft_mode_decodes_a_large_jpeg_smaller_to_nearly_the_same_view():
     data = encoded(smooth_photo(800, 600), "JPEG", quality=95)
-    box = center_box(800, 600, 36, 32)
+    box = CENTRE_BOX
     drafted = np.asarray(resized_crop(Image.open(io.BytesIO(data)), box, 32, draft=True))
     full = np.asarray(resized_crop(Image.open(io.BytesIO(data)), box, 32, draft=False))
     assert drafted.shape == full.shape == (32, 32, 3)

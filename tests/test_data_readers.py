@@ -522,6 +522,32 @@ def test_image_folder_splits_wrapper_and_zip(tmp_path):
     assert torch.equal(open_dataset(str(root)).images, open_dataset(str(archive)).images)
 
 
+def test_split_folders_are_known_in_any_case_and_by_their_long_names(tmp_path):
+    # Kaggle's layout: Training/ and Testing/, which were read as two classes named so.
+    _write_classes(tmp_path / "mri" / "Training")
+    _image(tmp_path / "mri" / "Testing" / "dogs" / "e.png", (9, 9, 9))
+    _image(tmp_path / "mri" / "Validation" / "cats" / "f.png", (1, 1, 1))
+    spec = str(tmp_path / "mri")
+    assert available_splits(spec) == ["train", "test"]
+    train, test = open_dataset(spec), open_dataset(spec, "test")
+    assert train.classes == ["cats", "dogs"] and train.labels.tolist() == [0, 0, 1, 1]
+    # A test split beside it wins over the validation one, as test/ over val/.
+    assert test.labels.tolist() == [1] and test.images[0, :, 0, 0].tolist() == [9, 9, 9]
+    shutil.rmtree(tmp_path / "mri" / "Testing")
+    assert open_dataset(spec, "test").images[0, :, 0, 0].tolist() == [1, 1, 1]
+
+
+def test_match_channels_is_pillows_gray_and_repeats_gray():
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    gray = readers.match_channels(images, 1)
+    assert gray.shape == (1, 1, 5, 7)
+    assert np.array_equal(gray[0, 0].numpy(), np.asarray(Image.fromarray(rgb).convert("L")))
+    again = readers.match_channels(gray.expand(-1, 3, -1, -1), 1)
+    assert torch.equal(again, gray) and readers.match_channels(images, 3) is images
+    assert torch.equal(readers.match_channels(gray, 3), gray.expand(-1, 3, -1, -1))
+
+
 def test_image_folder_grayscale_is_one_channel(tmp_path):
     _image(tmp_path / "a" / "x.png", 7, mode="L")
     _image(tmp_path / "b" / "y.png", 200, mode="L")

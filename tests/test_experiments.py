@@ -15,9 +15,11 @@ from deepres.checkpoint import load_tensors, read_config
 from deepres.cli import main
 from deepres.data import open_dataset
 from deepres.experiments import degradation, reproduce, responses, shortcuts, table6
-from deepres.experiments.common import BUDGETS, Context, ensure_run
+from deepres.experiments.common import BUDGETS, Context, ensure_run, paper_protocol
 from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
+from deepres.paper import CIFAR10_CLASSES
+from deepres.recipes import get_recipe
 from deepres.report import final_training, paper_ylim, read_metrics, write_report
 from deepres.train import TrainConfig, load_config, train
 
@@ -106,6 +108,36 @@ def test_degradation_smoke_and_reuse(tiny_folder, tmp_path):
     renamed = {**again, "runs": {"resnet110": {**full, "paper_protocol": True}}}
     report = write_report(renamed, tmp_path / "renamed").read_text()
     assert "| 6.43 (best of 5 runs; mean 6.61 +/- 0.16, which the gap is to) | 0.39 |" in report
+
+
+def test_only_a_run_of_the_papers_net_recipe_and_budget_is_set_against_table6():
+    # config.json of a campaign run: CIFAR-10, 64k iterations, the paper's recipe and net.
+    saved = {
+        "model": "resnet110",
+        "classes": CIFAR10_CLASSES,
+        "input_size": [3, 32, 32],
+        "normalize": "pixel",
+        "model_options": {"num_classes": 10, "in_channels": 3},
+        "recipe": {**get_recipe("cifar-warmup").to_dict(), "milestones": [32000, 48000]},
+        "config": {"init": None},
+    }
+    assert paper_protocol(saved)
+    options = {"num_classes": 10, "in_channels": 3, "shortcut": "A"}
+    assert paper_protocol({**saved, "model_options": options})
+    recipe = saved["recipe"]
+    other = [
+        {"recipe": {**recipe, "lr": 0.05}},  # a resume with another --lr
+        {"recipe": {**recipe, "batch_size": 64}},
+        {"recipe": {**recipe, "warmup_lr": None}},  # --recipe cifar for ResNet-110
+        {"recipe": {**recipe, "milestones": [30000, 48000]}},
+        {"recipe": {**recipe, "iters": 2000}},
+        {"model_options": {**options, "shortcut": "B"}},
+        {"model_options": {**options, "width": 32}},
+        {"normalize": "channel"},
+        {"config": {"init": "resnet20-cifar10"}},
+        {"classes": CIFAR10_CLASSES[::-1]},
+    ]
+    assert not any(paper_protocol({**saved, **change}) for change in other)
 
 
 def test_table6_sets_no_gap_between_a_validation_error_and_the_paper_s_test_error(monkeypatch):

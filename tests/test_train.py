@@ -140,13 +140,15 @@ def test_warmup_recipe_holds_lr_low_until_training_error_below_80(
     config = tiny_config(tiny_folder, tmp_path / "w", iters=16, recipe="cifar-warmup")
     train(config, stop_at=4, progress=False)
     # ...and a resumed run knows it ended: it does not warm up again (milestones at 8 and 12).
+    # It goes on with the recipe its config.json recorded, whatever the code's is now.
+    warm = RECIPES["cifar-warmup"]
+    monkeypatch.setitem(RECIPES, "cifar-warmup", replace(warm, lr=0.5, milestones=(4, 6)))
     train(load_config(tmp_path / "w"), resume=True, progress=False)
     lrs = [m["lr"] for m in read_metrics(tmp_path / "w")]
     assert lrs[:4] == [0.01, 0.1, 0.1, 0.1] and lrs[4] == pytest.approx(0.01)
     # With an error threshold never reached, the run stays at the warm-up lr until the
     # schedule falls below it: the second milestone (12) still divides it by 10.
-    never = replace(RECIPES["cifar-warmup"], warmup_until_error=0.0)
-    monkeypatch.setitem(RECIPES, "cifar-warmup", never)
+    monkeypatch.setitem(RECIPES, "cifar-warmup", replace(warm, warmup_until_error=0.0))
     train(replace(config, out=str(tmp_path / "never")), progress=False)
     lrs = [m["lr"] for m in read_metrics(tmp_path / "never")]
     assert lrs == pytest.approx([0.01] * 6 + [0.001] * 2)
@@ -168,6 +170,7 @@ def test_recipes_are_the_papers():
         [0.01, 0.01, 0.001]
     )
     assert replace(warm, lr=0.001).lr_at(0, warming_up=True) == pytest.approx(0.001)
+    assert warm.warmed_up(0.79) and not warm.warmed_up(0.80)
     assert default_recipe("resnet110") == "cifar-warmup" and default_recipe("resnet56") == "cifar"
     # The warm-up is CIFAR's (Sec. 4.2): ImageNet's deep nets on the in-memory path start at 0.1.
     assert default_recipe("plain110") == "cifar-warmup" and default_recipe("resnet152") == "cifar"
@@ -481,6 +484,81 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     again = ["train", "--resume", str(tmp_path / "again"), "--checkpoint-every", "1000"]
     assert main([*again, "--quiet"]) == 0
     assert saves == [12]
+
+
+def test_resume_refuses_data_other_than_the_run_started_on(tiny_folder, tmp_path):
+    data = tmp_path / "colours"
+    shutil.copytree(tiny_folder, data)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, iters=8), stop_at=4, progress=False)
+    before = files(run)
+
+    def refused(why: str) -> None:
+        with pytest.raises(ValueError, match=f"^{data}: not the data {run} started on \\({why}\\)"):
+            train(load_config(run), resume=True, progress=False)
+        assert files(run) == before
+
+    # One image fewer would move the held-out split; a renamed class would swap labels.
+    gone = data / "train" / "red" / "000.png"
+    kept = gone.read_bytes()
+    gone.unlink()
+    refused("72 training images then, 71 now")
+    gone.write_bytes(kept)
+    (data / "test" / "blue" / "000.png").unlink()
+    refused("18 held-out images then, 17 now")
+    shutil.rmtree(data / "test")
+    shutil.copytree(tiny_folder / "test", data / "test")
+    for split in ("train", "test"):
+        (data / split / "red").rename(data / split / "crimson")
+    refused("other classes: no red; new crimson")
+    for split in ("train", "test"):
+        (data / split / "crimson").rename(data / split / "red")
+    # As many images in the same classes but other pixels: said, and resumed.
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(gone)
+    with pytest.warns(UserWarning, match="differ in content from those"):
+        summary = train(load_config(run), resume=True, progress=False)
+    assert summary["iteration"] == 8
+
+
+def test_an_out_inside_the_training_data_is_refused(tiny_folder, tmp_path):
+    data = tmp_path / "colours"
+    shutil.copytree(tiny_folder, data)
+    with pytest.raises(ValueError, match=f"--out {data / 'train' / 'run'}: inside the training"):
+        train(tiny_config(data, data / "train" / "run"), progress=False)
+    assert not (data / "train" / "run").exists()
+
+
+def test_a_gray_run_sees_a_colour_test_image_in_gray_and_refuses_other_sizes(tmp_path):
+    for split, n in (("train", 8), ("test", 2)):
+        for name, level in (("dark", 40), ("light", 200)):
+            for i in range(n):
+                (tmp_path / "d" / split / name).mkdir(parents=True, exist_ok=True)
+                Image.new("L", (12, 12), level + i).save(tmp_path / "d" / split / name / f"{i}.png")
+    # One colour photo among the gray test images made that split RGB: a net of one channel
+    # failed on it with a traceback at its first evaluation.
+    Image.new("RGB", (12, 12), (250, 10, 10)).save(tmp_path / "d" / "test" / "dark" / "0.png")
+    summary = train(tiny_config(tmp_path / "d", tmp_path / "run", iters=4), progress=False)
+    assert summary["eval_split"] == "test" and 0 <= summary["test_error"] <= 100
+    _, _, (_, images, _) = train_module._open_data(tiny_config(tmp_path / "d", tmp_path / "x"))
+    gray = Image.new("RGB", (1, 1), (250, 10, 10)).convert("L").getpixel((0, 0))
+    assert images.shape == (4, 1, 12, 12) and images[0].unique().tolist() == [gray]
+    for path in (tmp_path / "d" / "test").rglob("*.png"):
+        Image.new("L", (10, 10), 3).save(path)
+    with pytest.raises(ValueError, match="test images are 10x10, its training images 12x12"):
+        train_module._open_data(tiny_config(tmp_path / "d", tmp_path / "y"))
+
+
+def test_the_summary_gives_the_training_error_as_the_reports_do(tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_folder, run, iters=256, log_every=1), progress=False)
+    metrics = read_metrics(run)
+    # The mean over the last 1/128 (here the last two records), not the last record alone.
+    tail = metrics[-2:]
+    assert tail[0]["train_loss"] != tail[1]["train_loss"]  # else the test tells nothing
+    error = sum(m["train_error"] for m in tail) / 2
+    assert summary["train_error"] == pytest.approx(error)
+    assert summary["train_loss"] == pytest.approx(sum(m["train_loss"] for m in tail) / 2)
+    assert json.loads((run / "summary.json").read_text())["train_error"] == pytest.approx(error)
 
 
 def test_resume_may_switch_compile_and_cuda_graphs_on_or_off(tiny_folder, tmp_path, monkeypatch):

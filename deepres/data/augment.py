@@ -99,13 +99,21 @@ def rrc_box(width: int, height: int, rng: np.random.Generator, augment: Augment)
     return (left, top, left + w, top + h)
 
 
-def center_box(width: int, height: int, resize: int, crop: int) -> Box:
-    """The source box of the central crop x crop of the photo with its shorter side at resize."""
-    scale = resize / min(width, height)
-    resized = (max(crop, round(width * scale)), max(crop, round(height * scale)))
-    return _source_box(
-        (width, height), resized, (resized[0] - crop) // 2, (resized[1] - crop) // 2, crop
-    )
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """The image scaled, aspect kept, to a shorter side of size (bilinear, as --image-size)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image if resized == image.size else image.resize(resized, Image.Resampling.BILINEAR)
+
+
+def center_view(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    """The central crop x crop of the RGB image with its shorter side resized to resize."""
+    # Decoded whole and resized whole, not drafted nor box-resampled as training views are:
+    # the held-out views a run scores are then the ones eval --protocol center and predict see.
+    image = resize_shorter(eight_bit(image).convert("RGB"), resize)
+    left, top = (image.width - crop) // 2, (image.height - crop) // 2
+    return image.crop((left, top, left + crop, top + crop))
 
 
 def _source_box(size: tuple[int, int], resized: tuple[int, int], left: int, top: int, crop: int):
@@ -162,15 +170,14 @@ def open_image(data: bytes, where: str) -> Image.Image:
 def view(data: bytes, where: str, augment: Augment, rng: np.random.Generator | None) -> np.ndarray:
     """One photo as a uint8 [H, W, 3] view: a random training view, or with rng=None the centre."""
     image = open_image(data, where)
-    width, height = image.size
-    flip = False
     if rng is None:
-        box = center_box(width, height, augment.center_resize, augment.crop)
-    else:
-        draw = scale_box if augment.kind == "scale" else rrc_box
-        box = draw(width, height, rng, augment)
-        flip = rng.random() < 0.5
-    # Pillow decodes lazily: a truncated or corrupt file fails here, not at open.
+        # Pillow decodes lazily: a truncated or corrupt file fails here, not at open.
+        with decoding(where):
+            return np.asarray(center_view(image, augment.center_resize, augment.crop))
+    width, height = image.size
+    draw = scale_box if augment.kind == "scale" else rrc_box
+    box = draw(width, height, rng, augment)
+    flip = rng.random() < 0.5
     with decoding(where):
         out = resized_crop(image, box, augment.crop, augment.draft)
     if flip:

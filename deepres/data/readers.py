@@ -97,8 +97,17 @@ _EXPECTED = (
     " <class>/<image> or train|test|val/<class>/<image>"
 )
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
-# Split folders of an image folder; 'val' serves as the test split when there is no 'test'.
-_SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "test"}
+# Split folders of an image folder, by their names in lower case (Kaggle's sets often have
+# Training/ and Testing/); a val folder serves as the test split when there is no test one.
+_SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
 # Deep enough for wrapper/split/class/subfolder/image; a spec pointing at a large unrelated
 # tree then costs a bounded walk before it is rejected.
 _MAX_DEPTH = 5
@@ -137,6 +146,17 @@ class ImageDataset:
         for t in (self.images, self.labels):
             digest.update(t.contiguous().numpy())
         return digest.hexdigest()
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images [N, C, H, W] in 1 or 3 channels: gray repeated, RGB as Pillow's gray (L)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # Pillow's convert("L"), in its own fixed point: gray that was repeated comes back unchanged.
+    r, g, b = images.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
 
 
 @dataclass(frozen=True)
@@ -793,18 +813,19 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
         images
         and all(len(parts) >= 3 for _, parts in images)
         and len({parts[0] for _, parts in images}) == 1
-        and images[0][1][0] not in _SPLIT_FOLDERS
+        and images[0][1][0].lower() not in _SPLIT_FOLDERS
     ):
         root.append(images[0][1][0])
         images = [(name, parts[1:]) for name, parts in images]
-    tops = {parts[0] for _, parts in images if len(parts) >= 2}
-    split_layout = bool(tops & set(_SPLIT_FOLDERS))
+    tops = {_SPLIT_FOLDERS.get(parts[0].lower()) for _, parts in images if len(parts) >= 2}
+    split_layout = bool(tops - {None})
 
     def split_of(parts: list[str]) -> str | None:
         """The split a <split>/<class>/... path is in; None for a folder deepres ignores."""
-        if parts[0] not in _SPLIT_FOLDERS or (parts[0] == "val" and "test" in tops):
-            return None
-        return _SPLIT_FOLDERS[parts[0]]
+        split = _SPLIT_FOLDERS.get(parts[0].lower())
+        if split == "val":
+            return None if "test" in tops else "test"
+        return split
 
     layout: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name, parts in images:

@@ -11,6 +11,7 @@ from deepres.data import open_dataset
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
 from deepres.paper import CIFAR10_CLASSES, TABLE6_ITERS
+from deepres.recipes import default_recipe, get_recipe
 from deepres.report import curve, final_training, moves, read_metrics
 from deepres.train import SUMMARY, TrainConfig, hold_run, load_config, train
 
@@ -193,12 +194,35 @@ def run_result(run: Path) -> dict:
         "device": saved.get("device"),
         "torch": saved.get("torch"),
         "moved": moves(saved),
-        # CIFAR-10 at Table 6's budget: the runs whose errors the paper's can be set against.
-        "paper_protocol": saved["classes"] == CIFAR10_CLASSES
-        and saved["input_size"] == [3, 32, 32]
-        and saved["recipe"]["iters"] == TABLE6_ITERS,
+        "paper_protocol": paper_protocol(saved),
         "curve": curve(metrics, split),
     }
+
+
+def paper_protocol(saved: dict) -> bool:
+    """Whether a run's config.json is Table 6's: CIFAR-10, the paper's net and recipe, 64k."""
+    # Only such runs' errors can be set against the paper's: another --lr, batch, shortcut,
+    # width, normalisation or a start from other weights is another experiment.
+    recipe = saved["recipe"]
+    options = {
+        k: v for k, v in saved["model_options"].items() if k not in ("num_classes", "in_channels")
+    }
+    paper = get_recipe(default_recipe(saved["model"])).to_dict()
+    same_recipe = all(
+        recipe.get(key) == paper[key]
+        for key in ("lr", "momentum", "weight_decay", "batch_size", "gamma", "augment")
+    )
+    return (
+        saved["classes"] == CIFAR10_CLASSES
+        and saved["input_size"] == [3, 32, 32]
+        and recipe["iters"] == TABLE6_ITERS
+        and list(recipe["milestones"]) == list(paper["milestones"])
+        and same_recipe
+        and recipe.get("warmup_lr") == paper["warmup_lr"]
+        and saved.get("normalize", "pixel") == "pixel"
+        and options in ({}, {"shortcut": "A"})
+        and not saved["config"].get("init")
+    )
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:
