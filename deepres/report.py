@@ -60,12 +60,17 @@ def final_training(metrics: list[dict]) -> tuple[float, float]:
     iterations (64,000 images), which steadies the number without reaching back past the
     last learning-rate step. At shorter budgets it is the last record alone.
     """
-    last = metrics[-1]["iteration"]
-    tail = [m for m in metrics if m["iteration"] > last - max(1, last // 128)] or metrics[-1:]
+    tail = final_window(metrics)
     images = sum(m["images"] for m in tail)
     error = sum(m["train_error"] * m["images"] for m in tail) / images
     loss = sum(m["train_loss"] * m["images"] for m in tail) / images
     return error, loss
+
+
+def final_window(metrics: list[dict]) -> list[dict]:
+    """The log records of a run's last 1/128 of iterations (its last record at least)."""
+    last = metrics[-1]["iteration"]
+    return [m for m in metrics if m["iteration"] > last - max(1, last // 128)] or metrics[-1:]
 
 
 def block_errors(metrics: list[dict], block: int) -> list[dict]:

@@ -537,6 +537,19 @@ def test_split_folders_are_known_in_any_case_and_by_their_long_names(tmp_path):
     assert open_dataset(spec, "test").images[0, :, 0, 0].tolist() == [1, 1, 1]
 
 
+def test_deep_image_folders_are_read_and_deeper_ones_refused(tmp_path):
+    # A phone's export: class/year/month/day/trip/image, below a split and a wrapper.
+    deep = tmp_path / "wrap" / "train" / "cats" / "2024" / "07" / "15" / "trip"
+    _image(deep / "a.png", (255, 0, 0))
+    _image(tmp_path / "wrap" / "train" / "dogs" / "b.png", (0, 0, 255))
+    assert open_dataset(str(tmp_path)).labels.tolist() == [0, 1]
+    # One level more was left out without a word, and a class of such images only refused as
+    # empty: the folder is named instead.
+    _image(deep / "more" / "c.png", (0, 255, 0))
+    with pytest.raises(DataError, match=f"^{deep / 'more'}: a folder 8 levels down, deeper"):
+        open_dataset(str(tmp_path))
+
+
 def test_match_channels_is_pillows_gray_and_repeats_gray():
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     images = torch.from_numpy(rgb).permute(2, 0, 1)[None]

@@ -375,6 +375,32 @@ def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round()
     assert c_vs_b == "C 21.58% vs B 25.58%"
 
 
+def test_training_error_verdicts_say_when_a_difference_is_within_chance():
+    # The campaign's ends over the last 500 iterations (64,000 augmented images): ResNet-32 and
+    # ResNet-44 are 0.07 points apart, just over two standard errors (0.067) of the difference.
+    runs = fake_runs(resnet20=(1.50, None), resnet32=(0.40, None), resnet44=(0.33, None))
+    for r in runs.values():
+        r["train_images"] = 64_000
+    (falls,) = table6.claims(runs)
+    assert falls["verdict"] == "yes" and "within chance" not in falls["evidence"]
+    runs["resnet44"]["train_error"] = 0.36
+    (falls,) = table6.claims(runs)
+    assert falls["verdict"] == "yes" and falls["evidence"] == (
+        "resnet20 1.50%, resnet32 0.40%, resnet44 0.36%; resnet32 to resnet44 within chance: "
+        "0.04 points apart, where two standard errors of a difference over 64,000 images are 0.07"
+    )
+    twins = fake_runs(plain20=(2.51, None), resnet20=(2.49, None))
+    for r in twins.values():
+        r["train_images"] = 64_000
+    (twin,) = degradation.claims(twins)
+    assert twin["verdict"] == "yes" and twin["evidence"].startswith(
+        "2.49% vs 2.51%; within chance: 0.02 points apart"
+    )
+    # Records from before the count was kept carry no note.
+    del twins["resnet20"]["train_images"]
+    assert degradation.claims(twins)[0]["evidence"] == "2.49% vs 2.51%"
+
+
 def test_layer_stds_match_a_direct_computation():
     model = create_model("resnet20").eval()
     x = torch.randn(6, 3, 32, 32)

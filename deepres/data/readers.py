@@ -108,9 +108,10 @@ _SPLIT_FOLDERS = {
     "valid": "val",
     "validation": "val",
 }
-# Deep enough for wrapper/split/class/subfolder/image; a spec pointing at a large unrelated
-# tree then costs a bounded walk before it is rejected.
-_MAX_DEPTH = 5
+# Deep enough for wrapper/split/class/year/month/day/trip/image; a spec pointing at a large
+# unrelated tree then costs a bounded walk before it is rejected. An image folder with folders
+# below that is refused: their images would be left out without a word.
+_MAX_DEPTH = 8
 _IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Part of every cache key: raise it when decoding changes, so old entries are not reused
@@ -344,6 +345,13 @@ def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, boo
                 yield prefix + entry.name, entry, entered, is_file
 
 
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link in a loop
+        return False
+
+
 def _visible(name: str) -> bool:
     # Hidden files and macOS's __MACOSX/._x.jpg resource forks carry image suffixes but no image.
     return not any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
@@ -366,9 +374,10 @@ class _Directory:
         self.path, self.label = path, label
 
     @cached_property
-    def _listing(self) -> tuple[list[str], list[str]]:
+    def _listing(self) -> tuple[list[str], list[str], list[str]]:
         found: list[str] = []
         folders: list[str] = []
+        cut: list[str] = []
         for name, entry, entered, is_file in _walk(self.path, _MAX_DEPTH):
             if _is_image(entry.name) and _dangling(entry.path):
                 _refuse_broken_link(Path(entry.path))
@@ -376,7 +385,9 @@ class _Directory:
                 folders.append(name)
             elif is_file:
                 found.append(name)
-        return sorted(found), sorted(folders)
+            elif name.count("/") + 1 >= _MAX_DEPTH and _is_folder(entry):
+                cut.append(name)
+        return sorted(found), sorted(folders), sorted(cut)
 
     @property
     def names(self) -> list[str]:
@@ -385,6 +396,11 @@ class _Directory:
     @property
     def folders(self) -> list[str]:
         return self._listing[1]
+
+    @property
+    def cut(self) -> list[str]:
+        """Folders too deep to be walked into (_MAX_DEPTH)."""
+        return self._listing[2]
 
     def where(self, name: str) -> str:
         return str(self.path / name)
@@ -395,7 +411,7 @@ class _Directory:
         stats = [os.stat(self.path / name) for name in self.names]
         sizes = sum(stat.st_size for stat in stats)
         newest = max((stat.st_mtime_ns for stat in stats), default=0)
-        return [self.names, self.folders, sizes, newest]
+        return [self.names, self.folders, self.cut, sizes, newest]
 
     def read(self, names: list[str]) -> Iterator[tuple[str, bytes]]:
         for name in names:
@@ -805,6 +821,12 @@ def _text_lines(data: bytes, where: str) -> list[str]:
 
 def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     """Image names by split, then by class folder, for <class>/ and <split>/<class>/ layouts."""
+    cut = getattr(source, "cut", [])
+    if cut:
+        raise DataError(
+            f"{source.where(cut[0])}: a folder {_MAX_DEPTH} levels down, deeper than deepres "
+            "reads an image folder; move the images in it up"
+        )
     images = [(name, name.split("/")) for name in source.names if _is_image(name)]
     # Descend through single wrapping folders ("hymenoptera_data/train/ants/x.jpg"), but never
     # through a split folder or into a class folder.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from deepres.data.readers import NAMED_DATA, absolute_data, locate_data
 from deepres.models import count_params, create_model
 from deepres.paper import CIFAR10_CLASSES, TABLE6_ITERS
 from deepres.recipes import default_recipe, get_recipe
-from deepres.report import curve, final_training, moves, read_metrics
+from deepres.report import curve, final_training, final_window, moves, read_metrics
 from deepres.train import SUMMARY, TrainConfig, hold_run, load_config, train
 
 
@@ -179,6 +180,8 @@ def run_result(run: Path) -> dict:
         "model": saved["model"],
         "train_error": train_error,
         "train_loss": train_loss,
+        # How many augmented images that training error is over (its sampling noise needs it).
+        "train_images": sum(m["images"] for m in final_window(metrics)),
         "test_error": evaluated[-1][f"{split}_error"] if evaluated else None,
         "eval_split": split,
         # How many images the held-out error is over (runs from before config.json said so:
@@ -223,6 +226,28 @@ def paper_protocol(saved: dict) -> bool:
         and options in ({}, {"shortcut": "A"})
         and not saved["config"].get("init")
     )
+
+
+def within_chance(x: float, y: float, n: int | None) -> str:
+    """A note where two error rates (%), each over n images, differ by less than chance would."""
+    if not n:
+        return ""
+    # Two standard errors of the difference of two error rates near their mean, each over n:
+    # the sampling noise of the images counted, not the spread between runs of other seeds.
+    p = (x + y) / 200
+    two_se = 200 * math.sqrt(2 * p * (1 - p) / n)
+    if abs(x - y) >= two_se:
+        return ""
+    return (
+        f"; within chance: {abs(x - y):.2f} points apart, where two standard errors of a "
+        f"difference over {n:,} images are {two_se:.2f}"
+    )
+
+
+def images_behind(key: str, *runs: dict) -> int:
+    """The fewest images any of the runs' errors under key (train_error, test_error) is over."""
+    count = "train_images" if key == "train_error" else "eval_images"
+    return min((r.get(count) or 0 for r in runs), default=0)
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.experiments.common import (
+    Context,
+    ensure_run,
+    images_behind,
+    run_result,
+    verdict,
+    within_chance,
+)
 
 PLAIN = ["plain20", "plain32", "plain44", "plain56"]
 RESIDUAL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
@@ -36,7 +43,7 @@ def claims(runs: dict) -> list[dict]:
                 f"{plain[-1]} trains to a higher training error than {plain[0]} "
                 "(the degradation problem)",
                 deep["train_error"] > shallow["train_error"],
-                f"{deep['train_error']:.2f}% vs {shallow['train_error']:.2f}%",
+                _versus(deep, shallow, "train_error"),
             )
         )
     if len(resnets) >= 2:
@@ -45,7 +52,7 @@ def claims(runs: dict) -> list[dict]:
             verdict(
                 f"{resnets[-1]} trains to a lower training error than {resnets[0]}",
                 deep["train_error"] < shallow["train_error"],
-                f"{deep['train_error']:.2f}% vs {shallow['train_error']:.2f}%",
+                _versus(deep, shallow, "train_error"),
             )
         )
         if deep["test_error"] is not None and shallow["test_error"] is not None:
@@ -53,7 +60,7 @@ def claims(runs: dict) -> list[dict]:
                 verdict(
                     f"{resnets[-1]} reaches a lower {deep['eval_split']} error than {resnets[0]}",
                     deep["test_error"] < shallow["test_error"],
-                    f"{deep['test_error']:.2f}% vs {shallow['test_error']:.2f}%",
+                    _versus(deep, shallow, "test_error"),
                 )
             )
     for p in plain:
@@ -64,7 +71,7 @@ def claims(runs: dict) -> list[dict]:
                 verdict(
                     f"{twin} reaches a lower training error than its plain twin {p}",
                     a["train_error"] < b["train_error"],
-                    f"{a['train_error']:.2f}% vs {b['train_error']:.2f}%",
+                    _versus(a, b, "train_error"),
                 )
             )
     if (
@@ -81,3 +88,9 @@ def claims(runs: dict) -> list[dict]:
             )
         )
     return out
+
+
+def _versus(a: dict, b: dict, key: str) -> str:
+    """Two runs' errors side by side, with a note where they differ by less than chance."""
+    x, y = a[key], b[key]
+    return f"{x:.2f}% vs {y:.2f}%{within_chance(x, y, images_behind(key, a, b))}"

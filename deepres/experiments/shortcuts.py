@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.experiments.common import Context, ensure_run, run_result, verdict, within_chance
 from deepres.models.registry import default_option
 from deepres.paper import TABLE3_RESNET34_TOP1
 
@@ -45,7 +43,8 @@ def claims(runs: dict, models: list[str]) -> list[dict]:
     # Table 3 compares test errors; with no held-out images, training errors stand in, and say so.
     held_out = all(r["test_error"] is not None for r in runs.values())
     key, kind = ("test_error", "held-out error") if held_out else ("train_error", "training error")
-    n = min((r.get("eval_images") or 0 for r in runs.values()), default=0) if held_out else 0
+    count = "eval_images" if held_out else "train_images"
+    n = min((r.get(count) or 0 for r in runs.values()), default=0)
     out = []
     for model in models:
         a, b, c = (runs[name][key] for name in _names(model).values())
@@ -53,29 +52,14 @@ def claims(runs: dict, models: list[str]) -> list[dict]:
             verdict(
                 f"{model}: projection shortcuts (B) beat zero-padding (A) slightly ({kind})",
                 b < a,
-                f"B {b:.2f}% vs A {a:.2f}%{_noise(b, a, n)}",
+                f"B {b:.2f}% vs A {a:.2f}%{within_chance(b, a, n)}",
             )
         )
         out.append(
             verdict(
                 f"{model}: projecting every shortcut (C) beats B marginally ({kind})",
                 c < b,
-                f"C {c:.2f}% vs B {b:.2f}%{_noise(c, b, n)}",
+                f"C {c:.2f}% vs B {b:.2f}%{within_chance(c, b, n)}",
             )
         )
     return out
-
-
-def _noise(x: float, y: float, n: int) -> str:
-    """A note where two held-out errors (%) on n images differ by less than chance would."""
-    if not n:
-        return ""
-    # Two standard errors of the difference of two error rates near their mean, each over n.
-    p = (x + y) / 200
-    two_se = 200 * math.sqrt(2 * p * (1 - p) / n)
-    if abs(x - y) >= two_se:
-        return ""
-    return (
-        f"; within chance: {abs(x - y):.2f} points apart, where two standard errors of a "
-        f"difference over {n:,} images are {two_se:.2f}"
-    )

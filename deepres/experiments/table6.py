@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import itertools
 
-from deepres.experiments.common import Context, ensure_run, run_result, verdict
+from deepres.experiments.common import (
+    Context,
+    ensure_run,
+    images_behind,
+    run_result,
+    verdict,
+    within_chance,
+)
 from deepres.paper import TABLE6_ERROR
 from deepres.report import beside_table6
 
@@ -45,12 +52,18 @@ def claims(runs: dict) -> list[dict]:
     held_out = all(runs[n]["test_error"] is not None for n in ordered)
     key, kind = ("test_error", "error") if held_out else ("train_error", "training error")
     errors = [runs[n][key] for n in ordered]
+    notes = []
+    for a, b in itertools.pairwise(ordered):
+        note = within_chance(runs[a][key], runs[b][key], images_behind(key, runs[a], runs[b]))
+        if note:
+            notes.append(f"; {a} to {b}{note[1:]}")
     return [
         verdict(
             # At every step, as Table 6's column does from 20 to 110 layers: not the two ends
             # alone, which a net in the middle could contradict.
             f"{kind} falls at each step of depth from {ordered[0]} to {ordered[-1]}",
             all(deeper < shallower for shallower, deeper in itertools.pairwise(errors)),
-            ", ".join(f"{n} {e:.2f}%" for n, e in zip(ordered, errors, strict=True)),
+            ", ".join(f"{n} {e:.2f}%" for n, e in zip(ordered, errors, strict=True))
+            + "".join(notes),
         )
     ]
