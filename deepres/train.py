@@ -724,16 +724,21 @@ def _check_same_data(
             "other classes"
             + (f": no {', '.join(gone)}" if gone else "")
             + (f"{';' if gone else ':'} new {', '.join(new)}" if new else "")
+            + ("" if gone or new else " in another order")
         )
-    elif saved.get("n_train") != n_train:
-        why = f"{saved.get('n_train')} training images then, {n_train} now"
+    elif "n_train" in saved and saved["n_train"] != n_train:
+        why = f"{_count(saved['n_train'])} training images then, {_count(n_train)} now"
     elif "eval_images" in saved and saved["eval_images"] != n_eval:
-        why = f"{saved['eval_images']} held-out images then, {n_eval} now"
+        why = f"{_count(saved['eval_images'])} held-out images then, {_count(n_eval)} now"
     if why:
         raise ValueError(
             f"{data}: not the data {run} started on ({why}); resume it on that data, "
             "or train a new run"
         )
+
+
+def _count(n: int | None) -> str:
+    return "none" if n is None else f"{n:,}"
 
 
 # ---- the loop's parts: one step, the window of sums it feeds, a log record, a checkpoint

@@ -513,6 +513,9 @@ def test_resume_refuses_data_other_than_the_run_started_on(tiny_folder, tmp_path
     refused("other classes: no red; new crimson")
     for split in ("train", "test"):
         (data / split / "crimson").rename(data / split / "red")
+    (data / "test").rename(tmp_path / "elsewhere")
+    refused("18 held-out images then, none now")
+    (tmp_path / "elsewhere").rename(data / "test")
     # As many images in the same classes but other pixels: said, and resumed.
     Image.new("RGB", (12, 12), (1, 2, 3)).save(gone)
     with pytest.warns(UserWarning, match="differ in content from those"):
