@@ -373,8 +373,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     run = Path(config.out)
     _check_run_dir(run, resume)
     data = Path(config.data).expanduser()
-    if data.is_dir() and run.resolve().is_relative_to(data.resolve()):
-        # Its plots and checkpoints would be read as images, its folder as a class.
+    if not resume and data.is_dir() and run.resolve().is_relative_to(data.resolve()):
+        # In an image folder its plots would be read as images, its folder as a class.
         raise ValueError(f"--out {run}: inside the training data {config.data}; choose another")
     if main and resume:
         # Before the data is decoded and moved: a second session learns at once that it is one.
@@ -429,11 +429,11 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
             )
     if len(classes) < 2:
         raise ValueError(f"{source}: one class ({classes[0]}) only; a classifier needs two or more")
-    recipe, steps_per_epoch = _recipe(config, n_train, streaming)
     if resume:
         saved = read_config(run)
         _check_same_data(run, saved, config.data, classes, n_train, eval_labels)
-        if not streaming and saved.get("data_sha256") not in (None, dataset.fingerprint()):
+        sha = saved.get("data_sha256")
+        if main and not streaming and sha and sha != dataset.fingerprint():
             # Other pixels of as many images in the same classes: another JPEG decoder, say.
             warnings.warn(
                 f"{config.data}: its images differ in content from those {run} started on "
@@ -441,6 +441,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
                 stacklevel=2,
             )
         recipe = _saved_recipe(run, saved, config)
+        steps_per_epoch = saved.get("steps_per_epoch") or n_train // recipe.batch_size
+    else:
+        recipe, steps_per_epoch = _recipe(config, n_train, streaming)
     normalize = config.normalize or recipe.normalize
     if streaming and normalize != "channel":
         raise ValueError(

@@ -535,6 +535,19 @@ def test_split_folders_are_known_in_any_case_and_by_their_long_names(tmp_path):
     assert test.labels.tolist() == [1] and test.images[0, :, 0, 0].tolist() == [9, 9, 9]
     shutil.rmtree(tmp_path / "mri" / "Testing")
     assert open_dataset(spec, "test").images[0, :, 0, 0].tolist() == [1, 1, 1]
+    # Two folders of one split would be merged without a word: refused.
+    _image(tmp_path / "mri" / "train" / "dogs" / "g.png", (2, 2, 2))
+    with pytest.raises(DataError, match=r"mri/train: a second train split beside Training/"):
+        open_dataset(spec)
+
+
+def test_a_class_named_like_a_split_is_a_class(tmp_path):
+    # Bus/, Car/, Train/ with their images in them: three classes, not a train split.
+    for name, colour in (("Bus", 10), ("Car", 20), ("Train", 30), ("train", 40)):
+        _image(tmp_path / "vehicles" / name / "a.png", (colour,) * 3)
+    dataset = open_dataset(str(tmp_path / "vehicles"))
+    assert dataset.classes == ["Bus", "Car", "Train", "train"]
+    assert available_splits(str(tmp_path / "vehicles")) == ["train"]
 
 
 def test_deep_image_folders_are_read_and_deeper_ones_refused(tmp_path):
@@ -545,6 +558,8 @@ def test_deep_image_folders_are_read_and_deeper_ones_refused(tmp_path):
     assert open_dataset(str(tmp_path)).labels.tolist() == [0, 1]
     # One level more was left out without a word, and a class of such images only refused as
     # empty: the folder is named instead.
+    (deep / "empty").mkdir()  # leaves no image out
+    assert open_dataset(str(tmp_path)).labels.tolist() == [0, 1]
     _image(deep / "more" / "c.png", (0, 255, 0))
     with pytest.raises(DataError, match=f"^{deep / 'more'}: a folder 8 levels down, deeper"):
         open_dataset(str(tmp_path))

@@ -108,7 +108,7 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 
 def center_view(image: Image.Image, resize: int, crop: int) -> Image.Image:
-    """The central crop x crop of the RGB image with its shorter side resized to resize."""
+    """The central crop x crop, in RGB, of an image with its shorter side resized to resize."""
     # Decoded whole and resized whole, not drafted nor box-resampled as training views are:
     # the held-out views a run scores are then the ones eval --protocol center and predict see.
     image = resize_shorter(eight_bit(image).convert("RGB"), resize)

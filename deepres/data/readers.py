@@ -116,8 +116,9 @@ _IDX_NAME = re.compile(r"(train|t10k)-images[-.]idx3-ubyte(\.gz)?")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Part of every cache key: raise it when decoding changes, so old entries are not reused
 # (2: 16-bit and float gray images scaled to 8 bits, no longer clipped; 3: Fashion-MNIST's
-# files named by their labels too).
-_CACHE_FORMAT = 3
+# files named by their labels too; 4: split folders known in any case and by their long names,
+# image folders read 8 levels deep).
+_CACHE_FORMAT = 4
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
 # Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
@@ -263,7 +264,7 @@ def image_files(folder: str | Path) -> list[Path]:
     """The image files in a folder and its subfolders, sorted; hidden files left out."""
     folder = Path(folder)
     found = []
-    for name, entry, _, is_file in _walk(folder, depth=None):
+    for name, entry, _, is_file, _ in _walk(folder, depth=None):
         if _is_image(entry.name):
             if is_file:
                 found.append(folder / name)
@@ -318,8 +319,9 @@ def read_full_size(
 # ---- containers: a directory, a zip or a tar, seen as relative file names and their bytes
 
 
-def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, bool, bool]]:
-    """(name below root, entry, walked into, a file) for each visible entry, depth levels deep.
+def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, bool, bool, bool]]:
+    """(name below root, entry, walked into, a file, a folder too deep to walk into) for each
+    visible entry, depth levels deep.
 
     Symbolic links to folders are followed, but never one to a folder above it: its images
     would be listed again at every level.
@@ -336,20 +338,20 @@ def _walk(root: Path, depth: int | None) -> Iterator[tuple[str, os.DirEntry, boo
                 except OSError:  # a link in a loop: neither (a reader names an image's)
                     is_folder = is_file = False
                 real = os.path.realpath(entry.path) if is_folder else None
-                entered = real is not None and real not in above and (left is None or left > 1)
+                walkable = real is not None and real not in above
+                entered = walkable and (left is None or left > 1)
                 if entered:
                     below = None if left is None else left - 1
                     pending.append(
                         (Path(entry.path), f"{prefix}{entry.name}/", below, above | {real})
                     )
-                yield prefix + entry.name, entry, entered, is_file
+                yield prefix + entry.name, entry, entered, is_file, walkable and not entered
 
 
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # a link in a loop
-        return False
+def _holds_anything(folder: str) -> bool:
+    # An empty folder too deep to walk into leaves no image out.
+    with os.scandir(folder) as entries:
+        return any(_visible(entry.name) for entry in entries)
 
 
 def _visible(name: str) -> bool:
@@ -378,14 +380,14 @@ class _Directory:
         found: list[str] = []
         folders: list[str] = []
         cut: list[str] = []
-        for name, entry, entered, is_file in _walk(self.path, _MAX_DEPTH):
+        for name, entry, entered, is_file, too_deep in _walk(self.path, _MAX_DEPTH):
             if _is_image(entry.name) and _dangling(entry.path):
                 _refuse_broken_link(Path(entry.path))
             if entered:
                 folders.append(name)
             elif is_file:
                 found.append(name)
-            elif name.count("/") + 1 >= _MAX_DEPTH and _is_folder(entry):
+            elif too_deep and _holds_anything(entry.path):
                 cut.append(name)
         return sorted(found), sorted(folders), sorted(cut)
 
@@ -839,12 +841,32 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     ):
         root.append(images[0][1][0])
         images = [(name, parts[1:]) for name, parts in images]
-    tops = {_SPLIT_FOLDERS.get(parts[0].lower()) for _, parts in images if len(parts) >= 2}
-    split_layout = bool(tops - {None})
+    # A folder with images of its own and no subfolders of them is a class, whatever its name
+    # (Bus/, Car/, Train/).
+    own_images = {parts[0] for _, parts in images if len(parts) == 2} - {
+        parts[0] for _, parts in images if len(parts) >= 3
+    }
+
+    def split_name(top: str) -> str | None:
+        return None if top in own_images else _SPLIT_FOLDERS.get(top.lower())
+
+    named: dict[str, set[str]] = defaultdict(set)
+    for _, parts in images:
+        if len(parts) >= 2 and split_name(parts[0]):
+            named[split_name(parts[0])].add(parts[0])
+    for split, folders in named.items():
+        if len(folders) > 1:
+            first, second = sorted(folders)[:2]
+            raise DataError(
+                f"{source.where('/'.join([*root, second]))}: a second {split} split beside "
+                f"{first}/; keep one"
+            )
+    tops = set(named)
+    split_layout = bool(tops)
 
     def split_of(parts: list[str]) -> str | None:
         """The split a <split>/<class>/... path is in; None for a folder deepres ignores."""
-        split = _SPLIT_FOLDERS.get(parts[0].lower())
+        split = split_name(parts[0])
         if split == "val":
             return None if "test" in tops else "test"
         return split
