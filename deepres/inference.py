@@ -58,7 +58,21 @@ class Classifier:
             raise ValueError(
                 f"expected images of size {self.input_size} (C, H, W), got {list(images.shape[1:])}"
             )
-        return self.model(self.preprocess(images)).softmax(1)
+        device = next(self.model.parameters()).device
+        # The model is the caller's too (fine-tuned, moved): eval mode and its device, each call.
+        self.preprocess.to(device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(self.preprocess(images.to(device))).softmax(1)
+        finally:
+            self.model.train(was_training)
+
+    def to(self, device: str | torch.device) -> Classifier:
+        """The classifier with its net and preprocessing moved to device (cpu, cuda, cuda:N)."""
+        self.model.to(device)
+        self.preprocess.to(device)
+        return self
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """A PIL image as a uint8 [1, C, H, W] batch in the run's channels and size."""
@@ -113,8 +127,10 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def load(run: str | Path, fold_bn: bool = False) -> Classifier:
+def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classifier:
     """The trained net of a run directory or shipped net, with its preprocessing, to classify.
+
+    device: where the net runs (auto, cpu, cuda, cuda:N); images are moved there.
 
     fold_bn: each BN folded into the conv before it, and channels_last, for faster inference
     (what `deepres bench infer` times); its probabilities differ from the net's in the last
@@ -137,7 +153,10 @@ def load(run: str | Path, fold_bn: bool = False) -> Classifier:
         iteration = shipped_iterations(run)
     if fold_bn:
         model = fold_batchnorm(model).to(memory_format=torch.channels_last)
-    return Classifier(model, preprocess, saved["classes"], saved["input_size"], resize, iteration)
+    classifier = Classifier(
+        model, preprocess, saved["classes"], saved["input_size"], resize, iteration
+    )
+    return classifier.to(parse_device(device))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

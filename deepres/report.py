@@ -7,13 +7,10 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-
-from deepres.checkpoint import (  # noqa: E402
+from deepres.checkpoint import (
     CONFIG,
     SUMMARY,
     atomic_write,
@@ -23,7 +20,7 @@ from deepres.checkpoint import (  # noqa: E402
     write_json,
     write_text,
 )
-from deepres.paper import JPEG_CIFAR10_ERROR, TABLE6_ERROR, TABLE6_MEAN, TABLE6_NOTE  # noqa: E402
+from deepres.paper import JPEG_CIFAR10_ERROR, TABLE6_ERROR, TABLE6_MEAN, TABLE6_NOTE
 
 METRICS = "metrics.jsonl"
 
@@ -221,7 +218,9 @@ def style_axes(ax: Axes, title: str = "") -> None:
 def plot_run(run: Path) -> Path:
     """Write RUN/curves.png: one run's training (dashed) and evaluation (solid) error."""
     run = Path(run)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Figure, not pyplot: no backend is chosen, so a user's own (a notebook's) stays as it was.
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     metrics = read_metrics(run)
     saved = json.loads((run / "config.json").read_text())
     name = saved["model"]
@@ -232,13 +231,13 @@ def plot_run(run: Path) -> Path:
     fig.tight_layout()
     # Atomic, like every run file: a full disk leaves the old plot, not half a new one.
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
     return path
 
 
 def plot_status(rows: list[dict], path: Path) -> Path:
     """Write one figure of the runs `deepres status` lists, finished or not, as in Fig. 6."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for row in rows:
         run = Path(row["run"])
         metrics = read_metrics(run)
@@ -251,7 +250,6 @@ def plot_status(rows: list[dict], path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return path
 
 
@@ -318,7 +316,8 @@ def _figures(result: dict, out: Path) -> list[str]:
             groups = groups[-1:]
         # At least 7 inches: one panel alone must still hold the figure's title.
         width = max(7, 5 * len(groups))
-        fig, axes = plt.subplots(1, len(groups), figsize=(width, 4), squeeze=False)
+        fig = Figure(figsize=(width, 4))
+        axes = fig.subplots(1, len(groups), squeeze=False)
         ylim = paper_ylim([result["runs"][n]["curve"] for _, group in groups for n in group])
         for ax, (title, group) in zip(axes[0], groups, strict=True):
             _curve_panel(ax, result, group, title, ylim)
@@ -326,7 +325,8 @@ def _figures(result: dict, out: Path) -> list[str]:
         fig.suptitle(f"{experiment}: training error (dashed){held_out}, {result['budget']} budget")
         files.append(_save(fig, out / f"{experiment}.png"))
     if experiment == "responses":
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7))
+        fig = Figure(figsize=(7, 7))
+        top, bottom = fig.subplots(2, 1)
         # Plain nets dashed, ResNets solid, each family by depth.
         order = sorted(result["responses"], key=lambda n: (not n.startswith("plain"), _depth(n)))
         for name in order:
@@ -347,10 +347,7 @@ def _figures(result: dict, out: Path) -> list[str]:
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return path.name
 
 

@@ -246,16 +246,28 @@ def train(
 ) -> dict:
     """Train (or resume) a run; stop_at ends the session early at that iteration, resumably.
 
+    Returns the run's summary. A session ended by stop_at or by SIGINT/SIGTERM (checkpointed
+    first) returns too, with "finished" false: a caller checks it before using the net, as
+    the CLI does (exit status 130).
+
     Launched by `torchrun --nproc_per_node N -m deepres.cli train ...`, N processes train the
     run together with DDP: the recipe's batch size stays the global batch, split evenly.
     """
     check_config(config)
     device = distributed.setup(parse_device(config.device))
+    # Global torch state a session sets (the seed, determinism, cuDNN's autotuner) is put back
+    # as it was after it: train() may be one call of a longer program.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    devices = [device] if device.type == "cuda" else []
     try:
         # Holds what the session must let go of however it ends: the run directory's lock.
-        with ExitStack() as held:
+        with ExitStack() as held, torch.random.fork_rng(devices=devices):
             return _train(config, resume, stop_at, progress, device, held)
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
         distributed.teardown()
 
 

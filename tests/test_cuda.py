@@ -85,3 +85,14 @@ def test_a_run_moves_from_the_cpu_to_the_gpu_and_back(tiny_folder, tmp_path):
         {"iteration": 4, "device": torch.cuda.get_device_name()},
         {"iteration": 8, "device": saved["device"]},
     ]
+
+
+def test_a_classifier_loaded_on_the_gpu_takes_a_batch_from_the_cpu(tiny_folder, tmp_path):
+    import deepres
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=2), progress=False)
+    batch = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    on_gpu = deepres.load(run, device="cuda")
+    assert next(on_gpu.model.parameters()).is_cuda
+    torch.testing.assert_close(on_gpu(batch).cpu(), deepres.load(run)(batch), atol=1e-5, rtol=1e-4)

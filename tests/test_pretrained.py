@@ -3,6 +3,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -536,6 +538,33 @@ def test_load_with_folded_bn_gives_the_net_s_probabilities(finished_run):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
     batch = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
     torch.testing.assert_close(folded(batch), plain(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_a_classifier_scores_in_eval_mode_whatever_mode_its_net_was_left_in(finished_run):
+    clf = deepres.load(finished_run, device="cpu")
+    batch = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    expected = clf(batch)
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    # Fine-tuning the net leaves it in train mode: BN would use the batch's statistics and
+    # overwrite its running ones.
+    clf.model.train()
+    torch.testing.assert_close(clf(batch), expected)
+    assert clf.model.training  # left as the caller had it
+    assert all(torch.equal(v, before[k]) for k, v in clf.model.state_dict().items())
+    assert clf.to("cpu") is clf
+
+
+def test_importing_deepres_and_plotting_leave_the_matplotlib_backend_alone(tmp_path):
+    # A notebook's backend: pyplot with Agg forced on it would stop plt.show() from showing.
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot\n"
+        "import deepres, deepres.train\n"
+        "from deepres.report import plot_status\n"
+        f"plot_status([], {str(tmp_path / 'status.png')!r})\n"
+        "print(matplotlib.get_backend())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "svg" and (tmp_path / "status.png").stat().st_size > 0
 
 
 def test_a_failed_publish_leaves_an_earlier_record_as_it_was(finished_run, shipped, tmp_path):

@@ -557,6 +557,19 @@ def test_a_gray_run_sees_a_colour_test_image_in_gray_and_refuses_other_sizes(tmp
         train_module._open_data(tiny_config(tmp_path / "d", tmp_path / "y"))
 
 
+def test_train_puts_global_torch_state_back_as_it_found_it(tiny_folder, tmp_path):
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    train(tiny_config(tiny_folder, tmp_path / "run", iters=2, deterministic=True), progress=False)
+    # A program that called train() goes on as it was: no deterministic-only errors, no
+    # autotuner it did not ask for, its random numbers where it left them.
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_the_summary_gives_the_training_error_as_the_reports_do(tiny_folder, tmp_path):
     run = tmp_path / "run"
     # A rate this low keeps the net near chance, so its last records' errors differ.
