@@ -32,7 +32,7 @@ from deepres.data.readers import (
     read_full_size,
 )
 from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
-from deepres.inference import load, parse_device
+from deepres.inference import eval_mode, load, parse_device
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
 
@@ -129,8 +129,13 @@ def protocol_probabilities(
     model: nn.Module, image: Image.Image, preprocess: Preprocess, protocol: Protocol
 ) -> torch.Tensor:
     """Class probabilities [K] of one image: the softmax averaged over the protocol's views."""
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _protocol_probabilities(model, image, preprocess, protocol)
+
+
+def _protocol_probabilities(
+    model: nn.Module, image: Image.Image, preprocess: Preprocess, protocol: Protocol
+) -> torch.Tensor:
     device = next(model.parameters()).device
     if protocol.name == "multiscale":
         probs = []
@@ -147,7 +152,6 @@ def protocol_probabilities(
         crop = protocol.crop
         views = center_crop(x, crop)[None] if protocol.name == "center" else ten_crop(x, crop)
         result = model(views).float().softmax(1).mean(0)
-    model.train(was_training)
     return result
 
 
@@ -181,17 +185,15 @@ def predict_logits(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Logits of the single original view of each uint8 image, in eval mode, on the net's device."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     preprocess = preprocess.to(device)
     out = []
-    for chunk in images.split(batch_size):
-        x = preprocess(chunk.to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float())
-    model.train(was_training)
+    with eval_mode(model):
+        for chunk in images.split(batch_size):
+            x = preprocess(chunk.to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float())
     return torch.cat(out) if out else torch.empty(0, 0)
 
 

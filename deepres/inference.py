@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +63,8 @@ class Classifier:
         device = next(self.model.parameters()).device
         # The model is the caller's too (fine-tuned, moved): eval mode and its device, each call.
         self.preprocess.to(device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return self.model(self.preprocess(images.to(device))).softmax(1)
-        finally:
-            self.model.train(was_training)
 
     def to(self, device: str | torch.device) -> Classifier:
         """The classifier with its net and preprocessing moved to device (cpu, cuda, cuda:N)."""
@@ -125,6 +123,17 @@ def parse_device(name: str) -> torch.device:
             "cuda:0 and up"
         )
     return device
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside, back in the mode it was in after, however it ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classifier:

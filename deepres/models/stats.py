@@ -26,9 +26,12 @@ def count_macs(model: nn.Module, input_size: list[int]) -> int:
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, *input_size))
-    model.train(was_training)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
     # The counter reports a multiply-add as two floating-point operations.
     return counter.get_total_flops() // 2
 
