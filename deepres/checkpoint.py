@@ -296,7 +296,9 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
             name, slot = key[len("optim/") :].rsplit("/", 1)
             if name not in params or params[name].shape != value.shape:
                 raise ValueError(f"{path}: {key} belongs to no parameter of the net")
-            optimizer.state[params[name]][slot] = value.to(params[name].device)
+            # In the parameter's own layout (channels_last convs): SGD's fused multi-tensor
+            # update takes only buffers laid out as their parameters.
+            optimizer.state[params[name]][slot] = torch.empty_like(params[name]).copy_(value)
     # Without its momentum a run would resume, but not as the one that stopped.
     names = {id(p): n for n, p in params.items()}
     for group in optimizer.param_groups:

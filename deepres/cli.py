@@ -75,21 +75,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     how = {k: getattr(args, k) for k in how_keys if getattr(args, k) is not None}
     if args.resume:
         # A resumed run keeps its configuration: a flag that would change it is refused rather
-        # than silently ignored. --lr (after a divergence) may change, and how it runs: the
-        # device, the workers, how often it saves, whether it compiles (which resumes exactly).
+        # than silently ignored. --lr (after a divergence) may change, --precision (a bf16 run
+        # going on on a GPU without bf16 units), and how it runs: the device, the workers, how
+        # often it saves, whether it compiles (which resumes exactly).
         given = _given_flags(args.command_line)
-        keep = {"resume", "lr", "quiet", *how_keys}
+        keep = {"resume", "lr", "precision", "quiet", *how_keys}
         changed = [k for k in vars(args) if k in given and k not in keep]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
                 f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
-                " change it (only --lr, --device, --workers, --checkpoint-every, --compile and"
-                " --cuda-graph can)"
+                " change it (only --lr, --precision, --device, --workers, --checkpoint-every,"
+                " --compile and --cuda-graph can)"
             )
         config = load_config(args.resume)
         if args.lr is not None:
             config = replace(config, lr=args.lr)
+        if "precision" in given:
+            config = replace(config, precision=args.precision)
         config = replace(config, **how)
         summary = train(config, resume=True, progress=not args.quiet)
     else:

@@ -50,7 +50,13 @@ def setup(device: torch.device) -> torch.device:
         raise ValueError("WORLD_SIZE is set, but this PyTorch build has no torch.distributed")
     if device.type == "cuda":
         # One GPU per process, the one torchrun numbered for this node.
-        device = torch.device("cuda", _environ("LOCAL_RANK"))
+        local_rank = _environ("LOCAL_RANK")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"torchrun: process {local_rank} of this node has no GPU of its own (the node "
+                f"has {torch.cuda.device_count()}); --nproc_per_node at most that"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:

@@ -255,11 +255,12 @@ def train(
     """
     check_config(config)
     device = distributed.setup(parse_device(config.device))
-    # Global torch state a session sets (the seed, determinism, cuDNN's autotuner) is put back
-    # as it was after it: train() may be one call of a longer program.
+    # Global torch state a session sets (the seed, determinism, cuDNN's autotuner, TF32) is put
+    # back as it was after it: train() may be one call of a longer program.
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     devices = [device] if device.type == "cuda" else []
     try:
         # Holds what the session must let go of however it ends: the run directory's lock.
@@ -268,6 +269,7 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.teardown()
 
 
@@ -401,6 +403,10 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     # Resolved once per session; a new run saves it resolved, so a resume elsewhere keeps it.
     precision = resolve_precision(config.precision, device)
     config = replace(config, precision=precision)
+    # PyTorch lets cuDNN run fp32 convolutions in TF32 on Ampere and later GPUs: a run that
+    # says fp32 computes in fp32. (Autocast's bf16 matmuls and convolutions do not use it.)
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
 
     # Data, by one of two paths chosen here: an ImageNet net on photos (an image folder or tar
     # shards, no --image-size) streams them through DataLoader workers; anything else is
@@ -540,6 +546,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
         if main:
             _truncate_metrics(run / METRICS, state["iteration"])
             _record_lr(run, config, state["iteration"])
+            _record_precision(run, config.precision, state["iteration"])
             _record_resume(run, state["iteration"], device)
     else:
         state = {
@@ -591,8 +598,12 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     # Rank 0 alone evaluates, on the unwrapped net: no collective waits on the others.
     if not main:
         eval_images = None
-    if eval_images is not None:
+    if eval_images is not None and not streaming:
+        # Small decoded sets live on the device; streamed photos' held-out views (7.5 GB for
+        # ImageNet's 50,000) stay on the host, pinned, and go over a chunk at a time.
         eval_images = eval_images.to(device)
+    elif eval_images is not None and device.type == "cuda":
+        eval_images = eval_images.pin_memory()
     return _Session(
         config=config,
         run=run,
@@ -1051,6 +1062,18 @@ def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
     saved["config"]["lr"] = config.lr
     saved["recipe"]["lr"] = config.lr
     saved.setdefault("lr_changes", []).append({"iteration": iteration, "lr": config.lr})
+    write_json(run / CONFIG, saved)
+
+
+def _record_precision(run: Path, precision: str, iteration: int) -> None:
+    # As a new --lr: from the checkpoint's iteration on, kept for later resumes, and when.
+    saved = read_json(run / CONFIG)
+    if saved["config"].get("precision", "fp32") in (precision, "auto"):
+        return
+    saved["config"]["precision"] = precision
+    saved.setdefault("precision_changes", []).append(
+        {"iteration": iteration, "precision": precision}
+    )
     write_json(run / CONFIG, saved)
 
 

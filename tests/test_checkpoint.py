@@ -182,3 +182,20 @@ def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_
     fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=f"{path}: no momentum for bias"):
         load_checkpoint(tmp_path, model, fresh)
+
+
+def test_resumed_momentum_is_laid_out_as_its_parameter(tiny_folder, tmp_path):
+    from deepres.models import create_model
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=4, channels_last=True), stop_at=2, progress=False)
+    model = create_model("resnet20", num_classes=3, width=4).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint(run, model, optimizer)
+    # Saved contiguous; restored channels_last like the conv weights, which SGD's fused
+    # multi-tensor update needs of every buffer to take them all at once.
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(
+        optimizer.state[p]["momentum_buffer"].stride() == p.stride() for p in convs
+    )
+    assert any(p.stride() != p.contiguous().stride() for p in convs)

@@ -219,3 +219,14 @@ def test_a_sigterm_stops_the_ranks_together_between_log_steps(tiny_folder, tmp_p
     state = checkpoint_state(run)
     assert state is not None, err
     assert state["iteration"] > 0 and state["iteration"] % train_module.STOP_CHECK_EVERY == 0
+
+
+def test_more_processes_than_gpus_is_one_line_not_an_invalid_ordinal(monkeypatch):
+    # torchrun --nproc_per_node 2 on a node with one GPU: process 1 has none of its own.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="process 1 of this node has no GPU of its own"):
+        distributed.setup(torch.device("cuda"))
+    assert not dist.is_initialized()

@@ -466,8 +466,8 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     assert main(["train", "--resume", str(run), "--epochs", "3", "--seed", "5", "--quiet"]) == 2
     assert one_line(capsys).endswith(
         f"{run}: --resume continues the run as it was configured; --epochs, --seed cannot"
-        " change it (only --lr, --device, --workers, --checkpoint-every, --compile and"
-        " --cuda-graph can)"
+        " change it (only --lr, --precision, --device, --workers, --checkpoint-every,"
+        " --compile and --cuda-graph can)"
     )
     # Given at its default value, a flag is still given: refused, not silently ignored.
     assert main(["train", "--resume", str(run), "--seed=0", "--val-split", "0"]) == 2
@@ -560,13 +560,26 @@ def test_a_gray_run_sees_a_colour_test_image_in_gray_and_refuses_other_sizes(tmp
 def test_train_puts_global_torch_state_back_as_it_found_it(tiny_folder, tmp_path):
     torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    train(tiny_config(tiny_folder, tmp_path / "run", iters=2, deterministic=True), progress=False)
-    # A program that called train() goes on as it was: no deterministic-only errors, no
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["tf32"] = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        return step(*args, **kwargs)
+
+    step = train_module._step
+    config = tiny_config(tiny_folder, tmp_path / "run", iters=2, deterministic=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "_step", spy)
+        train(replace(config, precision="fp32"), progress=False)
+    # fp32 is fp32 while it trains, not cuDNN's TF32 on the GPUs that have it...
+    assert seen["tf32"] == (False, False)
+    # ...and a program that called train() goes on as it was: no deterministic-only errors, no
     # autotuner it did not ask for, its random numbers where it left them.
     assert not torch.are_deterministic_algorithms_enabled()
-    assert not torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -759,9 +772,15 @@ def test_auto_precision_is_saved_resolved_and_kept_on_resume(tiny_folder, tmp_pa
     # Resumed on a machine without bf16 units, the run keeps its precision, and says so.
     fake_cpu(tmp_path, monkeypatch, "avx2")
     with pytest.warns(UserWarning, match="emulated"):
-        train(load_config(run), resume=True, progress=False)
-    assert [m["precision"] for m in read_metrics(run)] == ["bf16", "bf16"]
+        train(load_config(run), resume=True, progress=False, stop_at=3)
+    assert [m["precision"] for m in read_metrics(run)] == ["bf16"]
     assert load_config(run).precision == "bf16"
+    # Or goes on in fp32 where it is asked to, and config.json keeps it and says from when.
+    assert main(["train", "--resume", str(run), "--precision", "fp32", "--quiet"]) == 0
+    assert [m["precision"] for m in read_metrics(run)] == ["bf16", "fp32"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["precision_changes"] == [{"iteration": 3, "precision": "fp32"}]
+    assert load_config(run).precision == "fp32"
     train(tiny_config(tiny_folder, tmp_path / "here", iters=2), progress=False)
     assert load_config(tmp_path / "here").precision == "fp32"
     assert read_metrics(tmp_path / "here")[0]["precision"] == "fp32"

@@ -576,7 +576,11 @@ class PhotoStream:
             share = self.batch_size // world
             # Drawn for the global batch and sliced, like pad_crop_flip's draws.
             alpha = torch.randn(self.batch_size, 3, generator=_generator(self.seed, 2, iteration))
-            noise = self.lighting.offsets(alpha[rank * share : (rank + 1) * share].to(self.device))
+            alpha = alpha[rank * share : (rank + 1) * share]
+            if self.device.type == "cuda":
+                # From pinned memory the copy is queued behind the step, not waited for.
+                alpha = alpha.pin_memory()
+            noise = self.lighting.offsets(alpha.to(self.device, non_blocking=True))
             x = x + (noise / self.preprocess.std.view(1, 3))[:, :, None, None]
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=memory_format), labels.to(self.device, non_blocking=True)
