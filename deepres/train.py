@@ -670,7 +670,14 @@ def _check_run_dir(run: Path, resume: bool) -> None:
         )
     if run.exists() and not run.is_dir():
         raise FileExistsError(f"{run}: a file, not a folder; choose another --out")
-    if not resume and (run / CONFIG).exists():
+    started = (run / CONFIG).exists()
+    if not resume and started and not (run / CHECKPOINT).exists() and not (run / SUMMARY).exists():
+        # Out of memory at the first step, say: --resume would find nothing to go on from.
+        raise FileExistsError(
+            f"{run}: holds a run that stopped before its first checkpoint, so there is nothing "
+            "to resume; remove it to start again, or choose another --out"
+        )
+    if not resume and started:
         raise FileExistsError(f"{run}: already holds a run; --resume {run} or choose another --out")
     # A new run writes model.safetensors, metrics.jsonl and more: never over someone's files.
     if not resume and run.is_dir() and any(run.iterdir()):

@@ -246,6 +246,12 @@ def test_cli_train_eval_predict_load(tiny_folder, tmp_path, capsys):
     # The same out again must not overwrite the finished run.
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
+    # One that stopped before its first checkpoint (out of memory at the first step) has
+    # nothing to resume, and the line says so rather than sending the user to --resume.
+    (run / "summary.json").unlink()
+    (run / "checkpoint.safetensors").unlink()
+    assert main(args) == 2
+    assert "stopped before its first checkpoint, so there is nothing to resume" in one_line(capsys)
 
 
 def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, capsys):
