@@ -96,3 +96,12 @@ def test_a_classifier_loaded_on_the_gpu_takes_a_batch_from_the_cpu(tiny_folder, 
     on_gpu = deepres.load(run, device="cuda")
     assert next(on_gpu.model.parameters()).is_cuda
     torch.testing.assert_close(on_gpu(batch).cpu(), deepres.load(run)(batch), atol=1e-5, rtol=1e-4)
+
+
+def test_auto_precision_is_bf16_from_ampere_on_and_fp32_before(tiny_folder, tmp_path):
+    major, _ = torch.cuda.get_device_capability()
+    run = tmp_path / "run"
+    train(replace(tiny_config(tiny_folder, run, iters=2), device="cuda"), progress=False)
+    # Compute capability 8.0 (A100, RTX 30xx) and later have bf16 units; V100 and T4 do not.
+    assert load_config(run).precision == ("bf16" if major >= 8 else "fp32")
+    assert read_metrics(run)[0]["precision"] == load_config(run).precision
