@@ -382,9 +382,10 @@ def test_hymenoptera_photos_read_at_full_size():
 
 def test_a_net_evaluated_goes_back_to_its_mode_even_when_the_forward_fails():
     model = create_model("resnet20", num_classes=3, width=4).train()
-    preprocess = Preprocess(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
-    with pytest.raises(RuntimeError):  # 2 channels where the net takes 3
-        evaluate.predict_logits(model, torch.zeros(2, 2, 8, 8, dtype=torch.uint8), preprocess)
+    gray = Preprocess(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
+    with pytest.raises(RuntimeError, match="channels"):  # the net's first conv takes 3
+        evaluate.predict_logits(model, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), gray)
     assert model.training
-    logits = evaluate.predict_logits(model, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), preprocess)
+    colour = Preprocess(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
+    logits = evaluate.predict_logits(model, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), colour)
     assert logits.shape == (2, 3) and model.training

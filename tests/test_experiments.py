@@ -20,7 +20,7 @@ from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
 from deepres.paper import CIFAR10_CLASSES
 from deepres.recipes import get_recipe
-from deepres.report import final_training, paper_ylim, read_metrics, write_report
+from deepres.report import final_training, final_window, paper_ylim, read_metrics, write_report
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -48,6 +48,9 @@ def check_report(result, out, figures):
         assert r["curve"]["eval_error"][-1] == r["test_error"]
         assert r["curve"]["iteration"][-1] == r["iters"]
         assert len(r["curve"]["train_error"]) == len(r["curve"]["iteration"])
+        # The images behind the training error: those of the records it is the mean over.
+        tail = final_window(read_metrics(Path(r["run"])))
+        assert r["train_images"] == sum(m["images"] for m in tail) > 0
         assert f"| {name} | {r['params']:,} |" in report
     for claim in saved["claims"]:
         assert claim["verdict"] in ("yes", "no")
@@ -127,6 +130,10 @@ def test_only_a_run_of_the_papers_net_recipe_and_budget_is_set_against_table6():
     recipe = saved["recipe"]
     other = [
         {"recipe": {**recipe, "lr": 0.05}},  # a resume with another --lr
+        {"recipe": {**recipe, "momentum": 0.0}},
+        {"recipe": {**recipe, "weight_decay": 5e-4}},
+        {"recipe": {**recipe, "gamma": 0.2}},
+        {"recipe": {**recipe, "augment": False}},
         {"recipe": {**recipe, "batch_size": 64}},
         {"recipe": {**recipe, "warmup_lr": None}},  # --recipe cifar for ResNet-110
         {"recipe": {**recipe, "milestones": [30000, 48000]}},
@@ -399,6 +406,12 @@ def test_training_error_verdicts_say_when_a_difference_is_within_chance():
     # Records from before the count was kept carry no note.
     del twins["resnet20"]["train_images"]
     assert degradation.claims(twins)[0]["evidence"] == "2.49% vs 2.51%"
+    # Shortcut options judged on training errors get the note too.
+    options = fake_runs(resnet20=(1.50, None), resnet20_B=(1.48, None), resnet20_C=(1.20, None))
+    for r in options.values():
+        r["train_images"] = 64_000
+    b_vs_a, c_vs_b = (c["evidence"] for c in shortcuts.claims(options, ["resnet20"]))
+    assert "within chance: 0.02 points apart" in b_vs_a and "within chance" not in c_vs_b
 
 
 def test_layer_stds_match_a_direct_computation():
