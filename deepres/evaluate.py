@@ -277,7 +277,7 @@ def evaluate_run(
     if split == "test":
         split = _test_split(run, saved, data, given, shards)
     read_split = "test" if split == "test" else "train"
-    keep = (lambda n: split_train_val(n, config["val_split"])[1]) if split == "val" else None
+    keep = _val_images(run, saved, data) if split == "val" else None
     model = classifier.model.to(parse_device(device))
     # The iteration the weights come from and the run's budget: a run still training is
     # evaluated at its latest checkpoint, and the result says so.
@@ -332,6 +332,23 @@ def evaluate_run(
     logits = predict_logits(model, images, classifier.preprocess)
     result = error_rates(logits, labels)
     return {**record, **result, "classes": classifier.classes}
+
+
+def _val_images(run: Path, saved: dict, data: str):
+    """The run's held-out indices among n training images, once n is checked to be its own."""
+    val_split = saved["config"]["val_split"]
+
+    def keep(n: int) -> torch.Tensor:
+        # Drawn from the count: with an image more or less, most of them were trained on.
+        expected = saved.get("n_train", n - val_split) + val_split
+        if n != expected:
+            raise DataError(
+                f"{data}: {n:,} training images, where {run} was split from {expected:,}; its "
+                "val split would hold images it trained on"
+            )
+        return split_train_val(n, val_split)[1]
+
+    return keep
 
 
 def _full_size(data: str, split: str, keep, classes: list[str], shards: bool):

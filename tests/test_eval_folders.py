@@ -230,3 +230,16 @@ def test_a_run_given_a_relative_path_finds_its_data_from_another_folder(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "colours" in err and "--data" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_eval_of_the_val_split_refuses_data_that_changed_since_training(tiny_folder, tmp_path):
+    data = tmp_path / "colours"
+    shutil.copytree(tiny_folder / "train", data)
+    run = tmp_path / "run"
+    summary = train(tiny_config(data, run, iters=4, val_split=12), progress=False)
+    assert evaluate_run(run, split="val")["top1_error"] == summary["val_error"]
+    # One image fewer: the val split drawn from the count would be other images, most of them
+    # trained on, and its error a training error.
+    (data / "red" / "000.png").unlink()
+    with pytest.raises(ValueError, match="71 training images, where .* was split from 72; its val"):
+        evaluate_run(run, split="val")
