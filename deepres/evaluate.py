@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from deepres.data.readers import (
     read_full_size,
 )
 from deepres.data.stream import open_image_files, shard_files, stream_kind, stream_splits
-from deepres.inference import eval_mode, load, parse_device
+from deepres.inference import eval_mode, load, no_tf32, parse_device
 from deepres.models import model_family
 from deepres.pretrained import resolve_run
 
@@ -306,9 +307,10 @@ def evaluate_run(
             )
         classes, n, images = _full_size(data, read_split, keep, classifier.classes, shards)
         index = _class_index(classes, classifier.classes, data, run)
-        probs, labels = predict_protocol(
-            model, images, classifier.preprocess, views, total=n, progress=progress
-        )
+        with _as_trained(saved):
+            probs, labels = predict_protocol(
+                model, images, classifier.preprocess, views, total=n, progress=progress
+            )
         result = error_rates(probs, index[labels])
         return {**record, **views.settings(), **result, "classes": classifier.classes}
     try:
@@ -329,9 +331,15 @@ def evaluate_run(
             f"{data}: images {list(images.shape[1:])} do not fit {run} ({classifier.input_size})"
         )
     labels = _class_index(dataset.classes, classifier.classes, data, run)[labels]
-    logits = predict_logits(model, images, classifier.preprocess)
+    with _as_trained(saved):
+        logits = predict_logits(model, images, classifier.preprocess)
     result = error_rates(logits, labels)
     return {**record, **result, "classes": classifier.classes}
+
+
+def _as_trained(saved: dict) -> AbstractContextManager:
+    # An fp32 run trained, and scored its held-out images, with TF32 off: so is it evaluated.
+    return no_tf32() if saved["config"].get("precision", "fp32") == "fp32" else nullcontext()
 
 
 def _val_images(run: Path, saved: dict, data: str):

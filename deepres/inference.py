@@ -136,6 +136,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """fp32 convolutions and matmuls computed in fp32 inside, not in cuDNN's default TF32."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classifier:
     """The trained net of a run directory or shipped net, with its preprocessing, to classify.
 

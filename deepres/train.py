@@ -63,7 +63,7 @@ from deepres.data.stream import (
 )
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import freeze_backbone, load_backbone
-from deepres.inference import parse_device
+from deepres.inference import no_tf32, parse_device
 from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty, machine
 from deepres.recipes import Recipe, default_recipe, get_recipe
@@ -254,14 +254,16 @@ def train(
     run together with DDP: the recipe's batch size stays the global batch, split evenly.
     """
     check_config(config)
-    device = distributed.setup(parse_device(config.device))
-    # Global torch state a session sets (the seed, determinism, cuDNN's autotuner, TF32) is put
-    # back as it was after it: train() may be one call of a longer program.
+    asked = parse_device(config.device)
+    # Global torch state a session sets (the seeds, determinism, cuDNN's autotuner, TF32, the
+    # current GPU) is put back as it was after it: train() may be one call of a longer program.
+    current = torch.cuda.current_device() if asked.type == "cuda" else None
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    devices = [device] if device.type == "cuda" else []
+    # torch.manual_seed seeds every GPU: every GPU's generator is kept.
+    devices = list(range(torch.cuda.device_count())) if asked.type == "cuda" else []
+    device = distributed.setup(asked)
     try:
         # Holds what the session must let go of however it ends: the run directory's lock.
         with ExitStack() as held, torch.random.fork_rng(devices=devices):
@@ -269,8 +271,9 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.teardown()
+        if current is not None:
+            torch.cuda.set_device(current)
 
 
 def _train(
@@ -403,10 +406,10 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     # Resolved once per session; a new run saves it resolved, so a resume elsewhere keeps it.
     precision = resolve_precision(config.precision, device)
     config = replace(config, precision=precision)
-    # PyTorch lets cuDNN run fp32 convolutions in TF32 on Ampere and later GPUs: a run that
-    # says fp32 computes in fp32. (Autocast's bf16 matmuls and convolutions do not use it.)
-    torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    if precision == "fp32":
+        # PyTorch lets cuDNN run fp32 convolutions in TF32 on Ampere and later GPUs: a run that
+        # says fp32 computes in fp32 (train() puts the settings back after; eval does the same).
+        held.enter_context(no_tf32())
 
     # Data, by one of two paths chosen here: an ImageNet net on photos (an image folder or tar
     # shards, no --image-size) streams them through DataLoader workers; anything else is
@@ -672,7 +675,10 @@ def _check_run_dir(run: Path, resume: bool) -> None:
         raise FileExistsError(f"{run}: a file, not a folder; choose another --out")
     started = (run / CONFIG).exists()
     if not resume and started and not (run / CHECKPOINT).exists() and not (run / SUMMARY).exists():
-        # Out of memory at the first step, say: --resume would find nothing to go on from.
+        # Out of memory at the first step, say: --resume would find nothing to go on from. Or
+        # still before its first checkpoint, in another process: RunInUse says so instead.
+        with hold_run(run):
+            pass
         raise FileExistsError(
             f"{run}: holds a run that stopped before its first checkpoint, so there is nothing "
             "to resume; remove it to start again, or choose another --out"
@@ -1075,12 +1081,14 @@ def _record_lr(run: Path, config: TrainConfig, iteration: int) -> None:
 def _record_precision(run: Path, precision: str, iteration: int) -> None:
     # As a new --lr: from the checkpoint's iteration on, kept for later resumes, and when.
     saved = read_json(run / CONFIG)
-    if saved["config"].get("precision", "fp32") in (precision, "auto"):
+    before = saved["config"].get("precision", "fp32")
+    if before == precision:
         return
     saved["config"]["precision"] = precision
-    saved.setdefault("precision_changes", []).append(
-        {"iteration": iteration, "precision": precision}
-    )
+    if before != "auto":  # an auto never resolved before (an old file) changes nothing
+        saved.setdefault("precision_changes", []).append(
+            {"iteration": iteration, "precision": precision}
+        )
     write_json(run / CONFIG, saved)
 
 
@@ -1105,10 +1113,10 @@ def load_config(run: Path) -> TrainConfig:
     saved = read_config(run)
     # Older config.json files record out too: the directory given wins.
     known = {f.name for f in fields(TrainConfig)} - {"out"}
+    # Runs from before --precision existed trained in fp32, not in what auto picks today.
+    settings = {"precision": "fp32", **saved["config"]}
     try:
-        config = TrainConfig(
-            **{k: v for k, v in saved["config"].items() if k in known}, out=str(run)
-        )
+        config = TrainConfig(**{k: v for k, v in settings.items() if k in known}, out=str(run))
         check_config(config)
     except (TypeError, IndexError, KeyError, AttributeError):  # a number saved as a string, say
         raise ValueError(f"{Path(run) / CONFIG}: its settings are damaged") from None

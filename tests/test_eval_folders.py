@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 
@@ -243,3 +244,21 @@ def test_eval_of_the_val_split_refuses_data_that_changed_since_training(tiny_fol
     (data / "red" / "000.png").unlink()
     with pytest.raises(ValueError, match="71 training images, where .* was split from 72; its val"):
         evaluate_run(run, split="val")
+
+
+def test_an_fp32_run_is_evaluated_without_tf32_as_it_trained(bare_run, tiny_folder, monkeypatch):
+    from deepres import evaluate
+
+    seen = []
+    predict = evaluate.predict_logits
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_logits", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    evaluate_run(bare_run, str(tiny_folder / "test"))
+    # cuDNN's TF32 (PyTorch's default on Ampere and later GPUs) off while it scores, as in
+    # training's own evaluation, and back on after.
+    assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32

@@ -25,6 +25,7 @@ from deepres.cli import build_parser, main
 from deepres.data import open_dataset
 from deepres.data.loader import split_train_val
 from deepres.evaluate import error_rates
+from deepres.experiments.common import run_result
 from deepres.inference import parse_device
 from deepres.models import create_model
 from deepres.provenance import git_commit, git_dirty, machine
@@ -252,6 +253,24 @@ def test_cli_train_eval_predict_load(tiny_folder, tmp_path, capsys):
     (run / "checkpoint.safetensors").unlink()
     assert main(args) == 2
     assert "stopped before its first checkpoint, so there is nothing to resume" in one_line(capsys)
+
+
+def test_a_run_before_its_first_checkpoint_in_another_process_is_not_called_stopped(
+    tiny_folder, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # written at the start, no checkpoint yet
+    args = ["train", "--model", "resnet20", "--data", str(tiny_folder), "--out", str(run)]
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the training process holds it
+        assert main([*args, "--quiet"]) == 2
+        assert "another process is training this run" in one_line(capsys)
+    finally:
+        os.close(fd)
+    assert main([*args, "--quiet"]) == 2
+    assert "stopped before its first checkpoint" in one_line(capsys)
 
 
 def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, capsys):
@@ -795,9 +814,22 @@ def test_auto_precision_is_saved_resolved_and_kept_on_resume(tiny_folder, tmp_pa
     saved = json.loads((run / "config.json").read_text())
     assert saved["precision_changes"] == [{"iteration": 3, "precision": "fp32"}]
     assert load_config(run).precision == "fp32"
+    assert run_result(run)["precision"] == "bf16; fp32 from 3"  # what the reports print
     train(tiny_config(tiny_folder, tmp_path / "here", iters=2), progress=False)
     assert load_config(tmp_path / "here").precision == "fp32"
     assert read_metrics(tmp_path / "here")[0]["precision"] == "fp32"
+    # A config.json from before --precision existed: that run trained in fp32, and goes on so
+    # on a machine where auto would pick bf16, with no change recorded.
+    fake_cpu(tmp_path, monkeypatch, "avx512_bf16")
+    old = tmp_path / "old"
+    train(tiny_config(tiny_folder, old, iters=4, precision="fp32"), stop_at=2, progress=False)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["config"]["precision"]
+    (old / "config.json").write_text(json.dumps(saved))
+    assert load_config(old).precision == "fp32"
+    train(load_config(old), resume=True, progress=False)
+    assert "precision_changes" not in json.loads((old / "config.json").read_text())
+    assert [m["precision"] for m in read_metrics(old)] == ["fp32", "fp32"]
 
 
 def test_emulated_bf16_is_one_warning_line(tiny_folder, tmp_path, monkeypatch, capsys):

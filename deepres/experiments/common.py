@@ -188,7 +188,7 @@ def run_result(run: Path) -> dict:
         # their --val-split, where that is the split).
         "eval_images": saved.get("eval_images")
         or (saved["config"].get("val_split") if split == "val" else None),
-        "precision": saved["config"].get("precision", "fp32"),
+        "precision": _precision(saved, metrics),
         "iters": metrics[-1]["iteration"],
         "params": count_params(model),
         "seconds": metrics[-1]["seconds"],
@@ -200,6 +200,15 @@ def run_result(run: Path) -> dict:
         "paper_protocol": paper_protocol(saved),
         "curve": curve(metrics, split),
     }
+
+
+def _precision(saved: dict, metrics: list[dict]) -> str:
+    # The precision it trained in; a run resumed with another --precision says from when.
+    changes = saved.get("precision_changes", [])
+    if not changes:
+        return saved["config"].get("precision", "fp32")
+    first = metrics[0].get("precision", "fp32")
+    return "; ".join([first, *(f"{c['precision']} from {c['iteration']:,}" for c in changes)])
 
 
 def paper_protocol(saved: dict) -> bool:
