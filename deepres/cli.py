@@ -36,6 +36,13 @@ from deepres.pretrained import describe, publish, restore
 from deepres.report import block_table, find_runs, plot_status, run_status
 from deepres.train import PRECISIONS, TrainConfig, load_config, train
 
+# What `deepres --help` says before the commands.
+DESCRIPTION = (
+    "Deep residual learning (He et al., CVPR 2016): train the paper's nets, evaluate and use "
+    "them, reproduce its experiments. Start with: deepres train --model resnet20 --data "
+    "fashion-mnist --iters 2000 --out runs/first"
+)
+
 
 def _model_options(args: argparse.Namespace, name: str) -> dict:
     # A flag a net cannot take is refused for a net named, and passed over in the whole table.
@@ -474,8 +481,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe", help="cifar, cifar-warmup or imagenet (default: the paper's for the net)"
     )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--iters", type=int, help="iterations (milestones scale with it)")
-    budget.add_argument("--epochs", type=float, help="epochs, turned into iterations")
+    budget.add_argument(
+        "--iters",
+        type=int,
+        help="iterations, milestones scaled with them (default: the recipe's full budget, "
+        "64,000 for CIFAR, hours on a CPU; `make demo` uses 2000)",
+    )
+    budget.add_argument(
+        "--epochs", type=float, help="epochs, turned into iterations (ImageNet's recipe: 90)"
+    )
     p.add_argument("--batch-size", type=int, help="default: the recipe's (CIFAR 128, ImageNet 256)")
     p.add_argument(
         "--lr", type=float, help="default: the recipe's; with --resume: the new lr from then on"
@@ -485,9 +499,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="hold out N training images for validation (the paper: 5000)",
+        help="hold out N training images for validation (default 0: the test split, if any, "
+        "is scored; the paper: 5000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
+    p.add_argument(
+        "--seed", type=int, default=0, help="weights, data order and augmentation (default 0)"
+    )
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="default 1000 iterations")
     p.add_argument(
         "--eval-every",
@@ -579,7 +596,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = _Parser(prog="deepres", description=__doc__)
+    parser = _Parser(prog="deepres", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the nets with depth, params and MACs")
@@ -604,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=["test", "val"],
         default="test",
-        help="val: the images a run held out with --val-split",
+        help="test (the default): the data's test split; val: the images the run held out "
+        "with --val-split",
     )
     p.add_argument(
         "--protocol",
@@ -640,7 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke: 4 iterations, a first look; short: 2,000 (default); full: the paper's 64k",
     )
     p.add_argument("--out", help="report directory (default reports/EXPERIMENT-BUDGET)")
-    p.add_argument("--runs", help="where the training runs live (reused when present)")
+    p.add_argument(
+        "--runs",
+        help="where the training runs live, reused when present "
+        "(default runs/reproduce-DATA-BUDGET)",
+    )
     p.add_argument("--models", help="comma-separated nets, e.g. plain20,plain56,resnet20")
     p.add_argument(
         "--val-split",
@@ -662,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="a run directory or a shipped net's name")
     p.add_argument("images", nargs="+", type=Path, help="images, or folders of them")
     p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (default 64)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.set_defaults(func=cmd_predict)
 

@@ -25,6 +25,19 @@ _EXPECTED = (
 )
 
 
+def init_source(path: str | Path) -> Path | None:
+    """The run directory --init names (a run or a shipped net), None for a weights file."""
+    if not Path(path).exists() and str(path) in manifest():
+        return resolve_run(path)
+    return Path(path) if Path(path).is_dir() else None
+
+
+def check_init(path: str | Path) -> None:
+    """Refuse, before any data is read, an --init that names nothing deepres can load."""
+    if not Path(path).exists() and str(path) not in manifest():
+        raise FileNotFoundError(f"--init {path}: no such file, folder or shipped net ({_EXPECTED})")
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a run directory, a shipped net, a .safetensors or a .pth/.pt file."""
     if not Path(path).exists() and str(path) in manifest():

@@ -62,7 +62,7 @@ from deepres.data.stream import (
     stream_kind,
 )
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
-from deepres.finetune import freeze_backbone, load_backbone
+from deepres.finetune import check_init, freeze_backbone, init_source, load_backbone
 from deepres.inference import no_tf32, parse_device
 from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty, machine
@@ -153,6 +153,8 @@ def check_config(config: TrainConfig) -> None:
     if config.seed >= 2**63:
         raise ValueError(f"--seed {config.seed}: must be below 2**63")
     refuse_not_positive({"--epochs": config.epochs, "--lr": config.lr})
+    if config.freeze_backbone and not config.init:
+        raise ValueError("--freeze-backbone trains the fc alone: it needs --init WEIGHTS")
     if not (math.isfinite(config.lighting) and config.lighting >= 0):
         raise ValueError(f"--lighting {config.lighting}: must be a number >= 0 (0: off)")
     if config.scale is not None and not 0 < config.scale[0] <= config.scale[1]:
@@ -389,6 +391,8 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     main = rank == 0
     run = Path(config.out)
     _check_run_dir(run, resume)
+    if config.init and not resume:
+        check_init(config.init)  # a typo found now, not after minutes of decoding
     data = Path(config.data).expanduser()
     if not resume and data.is_dir() and run.resolve().is_relative_to(data.resolve()):
         # In an image folder its plots would be read as images, its folder as a class.
@@ -478,10 +482,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     torch.manual_seed(config.seed)
     model_options = _model_options(config, len(classes), input_size[0])
     model = create_model(config.model, **model_options)
-    if config.freeze_backbone and not config.init:
-        raise ValueError("--freeze-backbone trains the fc alone: it needs --init WEIGHTS")
     if config.init and not resume:
         # Fine-tuning: every weight but the fc; a resumed run has them all in its checkpoint.
+        _check_init_net(config, normalize, input_size)
         load_backbone(model, config.init)
         bottlenecks = any(isinstance(m, Bottleneck) for m in model.modules())
         if bottlenecks and not config.stride_in and Path(config.init).suffix in (".pth", ".pt"):
@@ -666,7 +669,39 @@ def hold_run(run: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _check_init_net(config: TrainConfig, normalize: str, input_size: list[int]) -> None:
+    """Refuse another net's weights; warn where the new run's input differs from theirs."""
+    source = init_source(config.init)
+    if source is None:
+        if normalize == "pixel" and model_family(config.model) == "imagenet":
+            # torchvision's and timm's weights learned on per-channel normalised photos.
+            warnings.warn(
+                f"--init {config.init}: weights from a file learned, if torchvision's or timm's, "
+                "on per-channel normalised images; this run subtracts a mean image and does not "
+                "divide by a std (--normalize channel normalises as they did)",
+                stacklevel=3,
+            )
+        return
+    saved = read_config(source)
+    # A plain net and its residual twin have the same tensors (option A adds none): only the
+    # name tells them apart.
+    if saved["model"] != config.model:
+        raise ValueError(
+            f"--init {config.init}: the weights of {saved['model']}, not of {config.model}"
+        )
+    theirs = (saved.get("normalize", "pixel"), saved["input_size"])
+    if theirs != (normalize, input_size):
+        warnings.warn(
+            f"--init {config.init}: learned on {theirs[1][1]}x{theirs[1][2]} images with "
+            f"{theirs[0]} normalisation; this run feeds {input_size[1]}x{input_size[2]} with "
+            f"{normalize} normalisation, its statistics fitted on its own data",
+            stacklevel=3,
+        )
+
+
 def _check_run_dir(run: Path, resume: bool) -> None:
+    if resume and not run.exists():
+        raise FileNotFoundError(f"{run}: no such run directory")
     if resume and not (run / CHECKPOINT).is_file():
         raise FileNotFoundError(
             f"{run / CHECKPOINT}: no checkpoint to resume from; remove {run} and start again"

@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,9 @@ def test_cli_train_init_from_a_shipped_net_by_name(tiny_folder, tmp_path, capsys
     args = ["train", "--model", "resnet20", "--data", str(tiny_folder), "--iters", "2"]
     args += ["--batch-size", "16", "--quiet", "--out", str(out)]
     assert main([*args, "--init", "resnet20-cifar10", "--freeze-backbone"]) == 0
+    # Its statistics are fitted on the new data, at the new size: said, as nothing else would.
+    warned = capsys.readouterr().err
+    assert "learned on 32x32 images with pixel normalisation; this run feeds 12x12" in warned
     shipped = load_tensors(resolve_run("resnet20-cifar10") / WEIGHTS)[0]
     tuned = load_tensors(out / WEIGHTS)[0]
     for key, value in shipped.items():
@@ -226,6 +230,31 @@ def test_cli_train_init_errors_are_one_line_and_write_nothing(tiny_folder, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_init_refuses_the_weights_of_another_net_with_the_same_tensors(tiny_folder, tmp_path):
+    # A plain net and its option-A twin have the same tensors: only the run's config tells.
+    plain = tmp_path / "plain"
+    train(finetune_config(tiny_folder, plain, model="plain20", iters=2), progress=False)
+    tuned = finetune_config(tiny_folder, tmp_path / "tuned", init=str(plain))
+    with pytest.raises(ValueError, match="the weights of plain20, not of resnet20"):
+        train(tuned, progress=False)
+    # A typo is found before the data is read, let alone decoded.
+    typo = replace(tuned, data=str(tmp_path / "not-here"), init=str(tmp_path / "plian"))
+    with pytest.raises(FileNotFoundError, match="^--init .*plian: no such file, folder or shipped"):
+        train(typo, progress=False)
+
+
+def test_a_weights_file_into_an_imagenet_net_normalised_per_pixel_is_warned_about(tmp_path):
+    from deepres.train import _check_init_net
+
+    pth = weights_files(tmp_path, create_model("resnet18", width=4))["pth"]
+    config = TrainConfig(model="resnet18", data="d", out="o", init=pth)
+    with pytest.warns(UserWarning, match="per-channel normalised images"):
+        _check_init_net(config, "pixel", [3, 32, 32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_init_net(config, "channel", [3, 32, 32])
 
 
 def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, capsys):
@@ -254,7 +283,7 @@ def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, caps
     assert not (tmp_path / "x").exists()
     # A .pth (torchvision's format) into a v1 bottleneck net: a warning, as nothing else tells.
     pth = weights_files(tmp_path, create_model("resnet50", width=4, stride_in_1x1=False))["pth"]
-    v1 = [*base, "--model", "resnet50", "--width", "4", "--init", pth]
+    v1 = [*base, "--model", "resnet50", "--width", "4", "--init", pth, "--normalize", "channel"]
     assert main([*v1, "--out", str(tmp_path / "v1")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and pth in err[0]
