@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepres.checkpoint import WEIGHTS, load_tensors
-from deepres.pretrained import manifest, resolve_run
+from deepres.checkpoint import WEIGHTS, load_tensors, trained_iteration
+from deepres.pretrained import manifest, resolve_run, sha256
 
 # The classifier: replaced for the new class count, never loaded.
 HEAD = "fc."
@@ -30,6 +30,16 @@ def init_source(path: str | Path) -> Path | None:
     if not Path(path).exists() and str(path) in manifest():
         return resolve_run(path)
     return Path(path) if Path(path).is_dir() else None
+
+
+def init_record(path: str | Path) -> dict:
+    """What --init started a run from: the file's absolute path and sha256, a run's iteration."""
+    source = init_source(path)
+    weights = (source / WEIGHTS) if source is not None else Path(path)
+    record = {"path": str(weights.resolve()), "sha256": sha256(weights)}
+    if source is not None:
+        record["iteration"] = trained_iteration(source, load_tensors(weights)[1])
+    return record
 
 
 def check_init(path: str | Path) -> None:

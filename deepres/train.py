@@ -62,7 +62,13 @@ from deepres.data.stream import (
     stream_kind,
 )
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
-from deepres.finetune import check_init, freeze_backbone, init_source, load_backbone
+from deepres.finetune import (
+    check_init,
+    freeze_backbone,
+    init_record,
+    init_source,
+    load_backbone,
+)
 from deepres.inference import no_tf32, parse_device
 from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty, machine
@@ -576,6 +582,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
                 "eval_split": eval_split,
                 # How many images each held-out error is over (its standard error needs it).
                 "eval_images": None if eval_labels is None else len(eval_labels),
+                # Where a fine-tuned run's weights came from, as --init alone cannot say once
+                # the file is replaced or the run trains on.
+                "init_source": init_record(config.init) if config.init else None,
                 "data_source": source,
                 # config.data stays as given; this finds the data from another folder.
                 "data_path": absolute_data(config.data),

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import warnings
@@ -171,6 +172,8 @@ def test_train_init_freeze_backbone_and_resume(tiny_folder, tmp_path):
         if not key.startswith("fc."):
             assert torch.equal(weights[key], value), key
     assert weights["fc.weight"].shape == (3, 16)  # tiny_folder has 3 classes, the source 10
+    recorded = json.loads((tmp_path / "whole" / "config.json").read_text())["init_source"]
+    assert recorded == {"path": pth, "sha256": hashlib.sha256(open(pth, "rb").read()).hexdigest()}
     # Stopped and resumed with the weights file gone: the checkpoint holds all it needs.
     stopped = replace(whole, out=str(tmp_path / "stopped"))
     train(stopped, stop_at=2, progress=False)
@@ -191,7 +194,14 @@ def test_cli_train_init_from_a_run(tiny_folder, tmp_path, capsys):
     assert main([*base, "--out", str(first), "--seed", "1"]) == 0
     assert main([*base, "--out", str(second), "--init", str(first)]) == 0
     capsys.readouterr()
-    assert json.loads((second / "config.json").read_text())["config"]["init"] == str(first)
+    saved = json.loads((second / "config.json").read_text())
+    assert saved["config"]["init"] == str(first)
+    # Where the weights came from, so that a later change of that run does not hide it.
+    assert saved["init_source"] == {
+        "path": str((first / WEIGHTS).resolve()),
+        "sha256": hashlib.sha256((first / WEIGHTS).read_bytes()).hexdigest(),
+        "iteration": 2,
+    }
     start = load_tensors(first / WEIGHTS)[0]
     end = load_tensors(second / WEIGHTS)[0]
     # Not frozen: the backbone trains on from the first run's weights.
