@@ -484,11 +484,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--iters",
         type=int,
-        help="iterations, milestones scaled with them (default: the recipe's full budget, "
-        "64,000 for CIFAR, hours on a CPU; `make demo` uses 2000)",
+        help="iterations, milestones scaled with them (default: the recipe's full budget: "
+        "64,000 for CIFAR's, hours on a CPU; ImageNet's 450,360, whatever the data's size; "
+        "`make demo` uses 2000)",
     )
     budget.add_argument(
-        "--epochs", type=float, help="epochs, turned into iterations (ImageNet's recipe: 90)"
+        "--epochs", type=float, help="epochs of the data given, turned into iterations"
     )
     p.add_argument("--batch-size", type=int, help="default: the recipe's (CIFAR 128, ImageNet 256)")
     p.add_argument(

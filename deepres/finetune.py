@@ -8,14 +8,20 @@ runs.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import re
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from deepres.checkpoint import WEIGHTS, load_tensors, trained_iteration
-from deepres.pretrained import manifest, resolve_run, sha256
+from deepres.checkpoint import CONFIG, WEIGHTS, read_config, trained_iteration
+from deepres.pretrained import manifest, resolve_run
 
 # The classifier: replaced for the new class count, never loaded.
 HEAD = "fc."
@@ -32,43 +38,60 @@ def init_source(path: str | Path) -> Path | None:
     return Path(path) if Path(path).is_dir() else None
 
 
-def init_record(path: str | Path) -> dict:
-    """What --init started a run from: the file's absolute path and sha256, a run's iteration."""
-    source = init_source(path)
-    weights = (source / WEIGHTS) if source is not None else Path(path)
-    record = {"path": str(weights.resolve()), "sha256": sha256(weights)}
-    if source is not None:
-        record["iteration"] = trained_iteration(source, load_tensors(weights)[1])
-    return record
-
-
-def check_init(path: str | Path) -> None:
-    """Refuse, before any data is read, an --init that names nothing deepres can load."""
+def check_init(path: str | Path, model: str) -> None:
+    """Refuse, before any data is read, an --init that names nothing or another net."""
     if not Path(path).exists() and str(path) not in manifest():
         raise FileNotFoundError(f"--init {path}: no such file, folder or shipped net ({_EXPECTED})")
+    source = init_source(path)
+    if source is not None and (source / CONFIG).is_file():
+        # A plain net and its residual twin have the same tensors (option A adds none): only
+        # the name tells them apart.
+        theirs = read_config(source)["model"]
+        if theirs != model:
+            raise ValueError(f"--init {path}: the weights of {theirs}, not of {model}")
+
+
+def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict --init names, and where it came from: its file's absolute path and
+    sha256 and, for a run or shipped net, the iteration: all from one read of the file."""
+    source = init_source(path)
+    if source is not None:
+        if not (source / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{source}: no {WEIGHTS} in it ({_EXPECTED})")
+        file = source / WEIGHTS
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file or directory ({_EXPECTED})")
+        if file.suffix not in (".safetensors", ".pth", ".pt"):
+            raise ValueError(f"{file}: {_EXPECTED}")
+    # One read: a run still training rewrites its weights, and the record must be of these.
+    data = file.read_bytes()
+    record = {"path": str(file.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
+    if file.suffix == ".safetensors":
+        try:
+            weights = safetensors.torch.load(data)
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        except (SafetensorError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
+        if source is not None:
+            meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+            record["iteration"] = trained_iteration(source, meta)
+        return weights, record
+    return _state_dict(file, data), record
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a run directory, a shipped net, a .safetensors or a .pth/.pt file."""
-    if not Path(path).exists() and str(path) in manifest():
-        # A shipped net is a run directory; resolving it checks its sha256.
-        path = resolve_run(path)
-    path = Path(path)
-    if path.is_dir():
-        if not (path / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path}: no {WEIGHTS} in it ({_EXPECTED})")
-        return load_tensors(path / WEIGHTS)[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or directory ({_EXPECTED})")
-    if path.suffix == ".safetensors":
-        return load_tensors(path)[0]
-    if path.suffix not in (".pth", ".pt"):
-        raise ValueError(f"{path}: {_EXPECTED}")
+    return read_init(path)[0]
+
+
+def _state_dict(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
         # torch warns about the pickle protocol of the very files it is about to refuse.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         # Whatever the file holds that is not a plain state dict ends here, as one short line.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -82,9 +105,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def load_backbone(model: nn.Module, path: str | Path) -> None:
-    """Load every tensor but the fc's from path into model, strictly; the fc keeps its init."""
-    weights = {k: v for k, v in read_weights(path).items() if not k.startswith(HEAD)}
+def load_backbone(
+    model: nn.Module, path: str | Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Load every tensor but the fc's from path (or its weights, read) into model, strictly."""
+    weights = read_weights(path) if weights is None else weights
+    weights = {k: v for k, v in weights.items() if not k.startswith(HEAD)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD)}
     for key, value in own.items():
         if key not in weights and key.endswith("num_batches_tracked"):
@@ -102,7 +128,12 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
                 f"{path}: does not fit the net: {key} is {list(weights[key].shape)} there, "
                 f"{list(value.shape)} in the net"
             )
-    extra = next((k for k in weights if k not in own), None)
+    # The first by stage and block (layer1.3 before layer1.4), whatever order the file stored
+    # them in; within a block, as the file has them.
+    extras = sorted(
+        (k for k in weights if k not in own), key=lambda k: [int(n) for n in re.findall(r"\d+", k)]
+    )
+    extra = extras[0] if extras else None
     if extra is not None:
         raise ValueError(f"{path}: does not fit the net: the net has no {extra}")
     # Caught here, not as a "divergence" at the first step that would blame the learning rate.

@@ -62,13 +62,7 @@ from deepres.data.stream import (
     stream_kind,
 )
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
-from deepres.finetune import (
-    check_init,
-    freeze_backbone,
-    init_record,
-    init_source,
-    load_backbone,
-)
+from deepres.finetune import check_init, freeze_backbone, init_source, load_backbone, read_init
 from deepres.inference import no_tf32, parse_device
 from deepres.models import Bottleneck, create_model, model_family
 from deepres.provenance import git_commit, git_dirty, machine
@@ -397,8 +391,11 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     main = rank == 0
     run = Path(config.out)
     _check_run_dir(run, resume)
+    init_weights, init_from = None, None
     if config.init and not resume:
-        check_init(config.init)  # a typo found now, not after minutes of decoding
+        # Found now, not after minutes of decoding: a typo, another net's weights.
+        check_init(config.init, config.model)
+        init_weights, init_from = read_init(config.init)
     data = Path(config.data).expanduser()
     if not resume and data.is_dir() and run.resolve().is_relative_to(data.resolve()):
         # In an image folder its plots would be read as images, its folder as a class.
@@ -490,8 +487,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     model = create_model(config.model, **model_options)
     if config.init and not resume:
         # Fine-tuning: every weight but the fc; a resumed run has them all in its checkpoint.
-        _check_init_net(config, normalize, input_size)
-        load_backbone(model, config.init)
+        if main:
+            _warn_init_input(config, normalize, input_size)
+        load_backbone(model, config.init, init_weights)
         bottlenecks = any(isinstance(m, Bottleneck) for m in model.modules())
         if bottlenecks and not config.stride_in and Path(config.init).suffix in (".pth", ".pt"):
             # Their shapes fit a v1 net's, so nothing else would tell.
@@ -584,7 +582,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
                 "eval_images": None if eval_labels is None else len(eval_labels),
                 # Where a fine-tuned run's weights came from, as --init alone cannot say once
                 # the file is replaced or the run trains on.
-                "init_source": init_record(config.init) if config.init else None,
+                "init_source": init_from,
                 "data_source": source,
                 # config.data stays as given; this finds the data from another folder.
                 "data_path": absolute_data(config.data),
@@ -678,26 +676,23 @@ def hold_run(run: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _check_init_net(config: TrainConfig, normalize: str, input_size: list[int]) -> None:
-    """Refuse another net's weights; warn where the new run's input differs from theirs."""
+def _warn_init_input(config: TrainConfig, normalize: str, input_size: list[int]) -> None:
+    """Say where the new run's input differs from the one the --init weights learned on."""
     source = init_source(config.init)
     if source is None:
-        if normalize == "pixel" and model_family(config.model) == "imagenet":
-            # torchvision's and timm's weights learned on per-channel normalised photos.
-            warnings.warn(
-                f"--init {config.init}: weights from a file learned, if torchvision's or timm's, "
-                "on per-channel normalised images; this run subtracts a mean image and does not "
-                "divide by a std (--normalize channel normalises as they did)",
-                stacklevel=3,
-            )
+        if normalize == "pixel" and Path(config.init).suffix in (".pth", ".pt"):
+            if model_family(config.model) == "imagenet":
+                # torchvision's and timm's weights learned on per-channel normalised photos.
+                warnings.warn(
+                    f"--init {config.init}: torchvision's and timm's weights learned on "
+                    "per-channel normalised images; this run subtracts a mean image and does "
+                    "not divide by a std (--normalize channel normalises as they did)",
+                    stacklevel=3,
+                )
+        return
+    if not (source / CONFIG).is_file():  # a folder of weights alone: nothing to compare
         return
     saved = read_config(source)
-    # A plain net and its residual twin have the same tensors (option A adds none): only the
-    # name tells them apart.
-    if saved["model"] != config.model:
-        raise ValueError(
-            f"--init {config.init}: the weights of {saved['model']}, not of {config.model}"
-        )
     theirs = (saved.get("normalize", "pixel"), saved["input_size"])
     if theirs != (normalize, input_size):
         warnings.warn(

@@ -256,15 +256,15 @@ def test_init_refuses_the_weights_of_another_net_with_the_same_tensors(tiny_fold
 
 
 def test_a_weights_file_into_an_imagenet_net_normalised_per_pixel_is_warned_about(tmp_path):
-    from deepres.train import _check_init_net
+    from deepres.train import _warn_init_input
 
     pth = weights_files(tmp_path, create_model("resnet18", width=4))["pth"]
     config = TrainConfig(model="resnet18", data="d", out="o", init=pth)
-    with pytest.warns(UserWarning, match="per-channel normalised images"):
-        _check_init_net(config, "pixel", [3, 32, 32])
+    with pytest.warns(UserWarning, match="torchvision's and timm's weights learned on per-channel"):
+        _warn_init_input(config, "pixel", [3, 32, 32])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check_init_net(config, "channel", [3, 32, 32])
+        _warn_init_input(config, "channel", [3, 32, 32])
 
 
 def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, capsys):
