@@ -25,13 +25,16 @@ setup: $(VENV)/.installed
 # The embedded default data set, Debian's dataset-fashion-mnist, installed when missing and possible
 # (or its IDX files in DEEPRES_FASHION_MNIST_DIR); where neither, `make demo` stops here, at once.
 fashion-mnist:
-	@test -d "$${DEEPRES_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}" || \
+	@if [ -n "$$DEEPRES_FASHION_MNIST_DIR" ]; then \
+	  test -d "$$DEEPRES_FASHION_MNIST_DIR" || \
+	    { echo "make: DEEPRES_FASHION_MNIST_DIR=$$DEEPRES_FASHION_MNIST_DIR is not a folder"; exit 1; }; \
+	else test -d /usr/share/datasets/fashion-mnist || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    (apt-get install -y -qq dataset-fashion-mnist || \
 	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); } || \
 	  { echo "make: no Fashion-MNIST: install Debian's dataset-fashion-mnist (as root: apt-get update &&" \
 	    "apt-get install dataset-fashion-mnist) or point DEEPRES_FASHION_MNIST_DIR at a folder of its IDX files"; \
-	    exit 1; }
+	    exit 1; }; fi
 
 # The main job: ResNet-20 on Fashion-MNIST with the paper's recipe scaled to 2,000 iterations
 # (about 5 minutes on 2 CPU cores), then its error on the official test split.
