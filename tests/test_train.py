@@ -273,6 +273,12 @@ def test_a_run_before_its_first_checkpoint_in_another_process_is_not_called_stop
     assert "stopped before its first checkpoint" in one_line(capsys)
 
 
+def test_resuming_a_run_that_is_not_there_says_so(tiny_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run: no such run directory"):
+        train(tiny_config(tiny_folder, tmp_path / "run"), resume=True, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_new_run_never_writes_into_a_folder_with_files(tiny_folder, tmp_path, capsys):
     args = ["train", "--model", "resnet20", "--width", "4", "--data", str(tiny_folder)]
     args += ["--iters", "2", "--batch-size", "8", "--device", "cpu", "--quiet", "--out"]

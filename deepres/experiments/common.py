@@ -237,8 +237,12 @@ def paper_protocol(saved: dict) -> bool:
     )
 
 
-def within_chance(x: float, y: float, n: int | None) -> str:
-    """A note where two error rates (%), each over n images, differ by less than chance would."""
+def within_chance(a: dict, b: dict, key: str) -> str:
+    """A note where two runs' errors under key (train_error, test_error) differ by less than
+    chance would, over the images each is over; "" where they do not, or the count is unknown."""
+    count = "train_images" if key == "train_error" else "eval_images"
+    n = min(a.get(count) or 0, b.get(count) or 0)
+    x, y = a[key], b[key]
     if not n:
         return ""
     # Two standard errors of the difference of two error rates near their mean, each over n:
@@ -251,12 +255,6 @@ def within_chance(x: float, y: float, n: int | None) -> str:
         f"; within chance: {abs(x - y):.2f} points apart, where two standard errors of a "
         f"difference over {n:,} images are {two_se:.2f}"
     )
-
-
-def images_behind(key: str, *runs: dict) -> int:
-    """The fewest images any of the runs' errors under key (train_error, test_error) is over."""
-    count = "train_images" if key == "train_error" else "eval_images"
-    return min((r.get(count) or 0 for r in runs), default=0)
 
 
 def verdict(claim: str, holds: bool, evidence: str) -> dict:

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from deepres.experiments.common import (
-    Context,
-    ensure_run,
-    images_behind,
-    run_result,
-    verdict,
-    within_chance,
-)
+from deepres.experiments.common import Context, ensure_run, run_result, verdict, within_chance
 
 PLAIN = ["plain20", "plain32", "plain44", "plain56"]
 RESIDUAL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
@@ -93,4 +86,4 @@ def claims(runs: dict) -> list[dict]:
 def _versus(a: dict, b: dict, key: str) -> str:
     """Two runs' errors side by side, with a note where they differ by less than chance."""
     x, y = a[key], b[key]
-    return f"{x:.2f}% vs {y:.2f}%{within_chance(x, y, images_behind(key, a, b))}"
+    return f"{x:.2f}% vs {y:.2f}%{within_chance(a, b, key)}"

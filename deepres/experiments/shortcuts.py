@@ -43,23 +43,22 @@ def claims(runs: dict, models: list[str]) -> list[dict]:
     # Table 3 compares test errors; with no held-out images, training errors stand in, and say so.
     held_out = all(r["test_error"] is not None for r in runs.values())
     key, kind = ("test_error", "held-out error") if held_out else ("train_error", "training error")
-    count = "eval_images" if held_out else "train_images"
-    n = min((r.get(count) or 0 for r in runs.values()), default=0)
     out = []
     for model in models:
-        a, b, c = (runs[name][key] for name in _names(model).values())
+        ra, rb, rc = (runs[name] for name in _names(model).values())
+        a, b, c = ra[key], rb[key], rc[key]
         out.append(
             verdict(
                 f"{model}: projection shortcuts (B) beat zero-padding (A) slightly ({kind})",
                 b < a,
-                f"B {b:.2f}% vs A {a:.2f}%{within_chance(b, a, n)}",
+                f"B {b:.2f}% vs A {a:.2f}%{within_chance(rb, ra, key)}",
             )
         )
         out.append(
             verdict(
                 f"{model}: projecting every shortcut (C) beats B marginally ({kind})",
                 c < b,
-                f"C {c:.2f}% vs B {b:.2f}%{within_chance(c, b, n)}",
+                f"C {c:.2f}% vs B {b:.2f}%{within_chance(rc, rb, key)}",
             )
         )
     return out

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from deepres.experiments.common import (
-    Context,
-    ensure_run,
-    images_behind,
-    run_result,
-    verdict,
-    within_chance,
-)
+from deepres.experiments.common import Context, ensure_run, run_result, verdict, within_chance
 from deepres.paper import TABLE6_ERROR
 from deepres.report import beside_table6
 
@@ -54,7 +47,7 @@ def claims(runs: dict) -> list[dict]:
     errors = [runs[n][key] for n in ordered]
     notes = []
     for a, b in itertools.pairwise(ordered):
-        note = within_chance(runs[a][key], runs[b][key], images_behind(key, runs[a], runs[b]))
+        note = within_chance(runs[a], runs[b], key)
         if note:
             notes.append(f"; {a} to {b}{note[1:]}")
     return [
