@@ -63,7 +63,8 @@ lint: setup
 # Lanes: on the 2-core CPUs one step scales to 1.41-1.47x over 2 threads, so two nets side by
 # side with a thread each train 1.36-1.42x the images/s of one net with both (benchmarks/lanes.py;
 # LANES=1 finishes the next net sooner). Each lane takes the next net that is neither finished
-# nor held by the other lane (flock).
+# nor held by the other lane (flock). With fewer nets left than lanes, as many lanes as nets
+# share the cores: the last net trains on both, not on one thread beside an idle core.
 CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
 # ResNet-20 was trained first, in fp32 on an AVX2-only CPU, and ships; on a CPU with bf16 units it
 # trains again, in bf16 as the others do, right after ResNet-56: issue 9's two precisions side
@@ -74,7 +75,8 @@ CAMPAIGN_REPORTS ?= runs/campaign-reports
 CAMPAIGN_LOGS ?= runs/campaign-logs
 CAMPAIGN_BUDGET ?= full
 LANES ?= 2
-LANE_THREADS ?= $(shell echo $$(( $$(nproc) / $(LANES) > 0 ? $$(nproc) / $(LANES) : 1 )))
+# Threads per lane; by default the cores divided among the lanes that run.
+LANE_THREADS ?=
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a two-thread step slowed 4x whenever a
 # test or build shared the cores; passive waits cost it 14% on an idle machine (AVX2 CPU,
 # ResNet-20) and 19% (AVX-512 BF16 CPU, ResNet-110 in bf16) (benchmarks/omp_wait_policy.py):
@@ -88,10 +90,13 @@ OMP_WAIT ?= PASSIVE
 CAMPAIGN_COMPILE ?= $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--compile')")
 campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
-	@pids=""; for lane in $$(seq $(LANES)); do \
+	@todo=0; for m in $(CAMPAIGN_NETS); do test -f $(CAMPAIGN_RUNS)/$$m/summary.json || todo=$$((todo + 1)); done; \
+	lanes=$$(( $(LANES) < todo ? $(LANES) : todo )); test $$lanes -gt 0 || { echo "campaign: every net has finished"; exit 0; }; \
+	threads=$(LANE_THREADS); test -n "$$threads" || threads=$$(( $$(nproc) / lanes > 0 ? $$(nproc) / lanes : 1 )); \
+	pids=""; for lane in $$(seq $$lanes); do \
 	  ( for m in $(CAMPAIGN_NETS); do \
 	      test -f $(CAMPAIGN_RUNS)/$$m/summary.json && continue; \
-	      OMP_NUM_THREADS=$(LANE_THREADS) OMP_WAIT_POLICY=$(OMP_WAIT) flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
+	      OMP_NUM_THREADS=$$threads OMP_WAIT_POLICY=$(OMP_WAIT) flock -n -E 75 $(CAMPAIGN_RUNS)/.locks/$$m \
 	        $(VENV)/bin/deepres reproduce degradation --data $(CIFAR10) --budget $(CAMPAIGN_BUDGET) --val-split 0 \
 	        --models $$m --runs $(CAMPAIGN_RUNS) --out $(CAMPAIGN_REPORTS)/$$m $(CAMPAIGN_COMPILE) \
 	        >> $(CAMPAIGN_LOGS)/$$m.log 2>&1; \

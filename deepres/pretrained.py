@@ -31,7 +31,7 @@ from deepres.checkpoint import (
 )
 from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, open_dataset
 from deepres.models import count_params, create_model
-from deepres.report import METRICS, final_training, read_metrics
+from deepres.report import METRICS, final_training, read_metrics, trained_on
 
 SHIPPED = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
@@ -137,8 +137,8 @@ def publish(
     Weights are stored in fp32 unless they would pass MAX_BYTES (or bf16=True): then in bf16,
     which `load` casts back to fp32. With record, the run's training record (config, metrics,
     summary) is written there first, for `restore` to rebuild the run from. With once, a run
-    shipped already is left as it is (its record written if missing), and a name another run
-    holds gets this run's precision: resnet20-cifar10-bf16.
+    shipped already is left as it is (its record, hashes and trained_on added where missing),
+    and a name another run holds gets this run's precision: resnet20-cifar10-bf16.
     """
     run, root = Path(run), Path(root or SHIPPED)
     if not _NAME.fullmatch(name):
@@ -158,7 +158,11 @@ def publish(
         if mine:
             if record is not None and not all((Path(record) / n).is_file() for n in RECORD):
                 _copy_files(run, Path(record), RECORD)
-            return add_missing_hashes(mine[0], nets, root)
+            entry = add_missing_hashes(mine[0], nets, root)
+            if "trained_on" not in entry:  # shipped before the manifest kept it
+                nets[mine[0]] = entry = {**entry, "trained_on": trained_on(saved)}
+                write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
+            return entry
         if name in nets:
             name = f"{name}-{trained[3]}"
             if name in nets:
@@ -212,6 +216,7 @@ def publish(
         "command": command,
         "git_commit": saved.get("git_commit"),
         "torch": saved.get("torch"),
+        "trained_on": trained_on(saved),
     }
 
     def record_in_manifest() -> None:

@@ -101,14 +101,26 @@ def block_table(rows: list[dict]) -> tuple[list[str], list[tuple[tuple[int, int]
     return names, [(span, [e.get(n) for n in names]) for span, e in sorted(errors.items())]
 
 
+def trained_on(saved: dict) -> list[dict]:
+    """Each device a run (its config.json) trained on, from the iteration it began there."""
+    segments = [{"from_iteration": 0, "device": saved.get("device"), "torch": saved.get("torch")}]
+    for resume in saved.get("resumed", []):
+        if resume["device"] != segments[-1]["device"]:
+            segments.append(
+                {
+                    "from_iteration": resume["iteration"],
+                    "device": resume["device"],
+                    "torch": resume.get("torch"),
+                }
+            )
+    return segments
+
+
 def moves(saved: dict) -> list[dict]:
     """The resumes of a run (its config.json) that went on on another device than before."""
-    where, found = saved.get("device"), []
-    for resume in saved.get("resumed", []):
-        if resume["device"] != where:
-            found.append({"iteration": resume["iteration"], "device": resume["device"]})
-        where = resume["device"]
-    return found
+    return [
+        {"iteration": s["from_iteration"], "device": s["device"]} for s in trained_on(saved)[1:]
+    ]
 
 
 def _number(value: object, run: Path) -> float | None:

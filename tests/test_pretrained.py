@@ -136,6 +136,29 @@ def test_publish_once_adds_the_hashes_an_older_manifest_lacks(finished_run, ship
     )
 
 
+def test_the_manifest_names_each_device_a_run_trained_on(finished_run, shipped, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(finished_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["resumed"] = [
+        {"iteration": 2, "device": "GPU X", "torch": "9.9"},
+        {"iteration": 3, "device": "GPU X", "torch": "9.9"},  # no move: not a new device
+    ]
+    (run / "config.json").write_text(json.dumps(config))
+    entry = publish(run, "tiny-moved", "cmd", root=shipped)
+    assert entry["trained_on"] == [
+        {"from_iteration": 0, "device": config["device"], "torch": config["torch"]},
+        {"from_iteration": 2, "device": "GPU X", "torch": "9.9"},
+    ]
+    nets = manifest(shipped)
+    del nets["tiny-moved"]["trained_on"]  # a net shipped before the manifest kept it
+    (shipped / "manifest.json").write_text(json.dumps({"nets": nets}))
+    again = publish(run, "tiny-moved", "cmd", root=shipped, once=True)
+    assert (
+        again["trained_on"] == entry["trained_on"] == manifest(shipped)["tiny-moved"]["trained_on"]
+    )
+
+
 def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp_path):
     here = tmp_path / "colours"
     shutil.copytree(tiny_folder, here)
