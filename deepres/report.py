@@ -330,8 +330,10 @@ def _figures(result: dict, out: Path) -> list[str]:
         width = max(7, 5 * len(groups))
         fig = Figure(figsize=(width, 4))
         axes = fig.subplots(1, len(groups), squeeze=False)
-        ylim = paper_ylim([result["runs"][n]["curve"] for _, group in groups for n in group])
         for ax, (title, group) in zip(axes[0], groups, strict=True):
+            # Each panel's own: plain-110 far above Fig. 6's axis (the paper leaves it out for
+            # that) must not squash the ResNets' panel beside it.
+            ylim = paper_ylim([result["runs"][n]["curve"] for n in group])
             _curve_panel(ax, result, group, title, ylim)
         held_out = f", {_split(result)} error (solid)" if _split(result) else ""
         fig.suptitle(f"{experiment}: training error (dashed){held_out}, {result['budget']} budget")

@@ -346,6 +346,15 @@ def test_degradation_claims_are_judged_the_paper_s_way_round():
         ("resnet56 trains to a lower training error than resnet20", "yes")
     ]
     assert degradation.claims(fake_runs(resnet20=(2, None))) == []
+    # Plain-110 (not in Fig. 6) is judged against plain-56, which stays judged against plain-20.
+    deeper = fake_runs(plain20=(2.5, None), plain56=(5.7, None), plain110=(80.0, None))
+    assert verdicts(degradation.claims(deeper)) == [
+        ("plain56 trains to a higher training error than plain20 (the degradation problem)", "yes"),
+        ("plain110 trains to a higher training error than plain56", "yes"),
+    ]
+    assert verdicts(degradation.claims(fake_runs(plain20=(2.5, None), plain110=(2.0, None)))) == [
+        ("plain110 trains to a higher training error than plain20", "no")
+    ]
 
 
 def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round():
@@ -660,6 +669,34 @@ def test_fig6_axis_is_the_paper_s_where_every_curve_ends_inside_it():
     assert paper_ylim([ending(5.7), ending(25.0)]) is None
     assert paper_ylim([ending(5.7, held_out=31.0)]) is None
     assert paper_ylim([{"train_error": [], "eval_error": []}]) is None
+
+
+def test_each_fig6_panel_takes_the_paper_s_axis_where_its_own_curves_fit(tmp_path, monkeypatch):
+    from deepres import report
+
+    def run(end):
+        curve = {"iteration": [1, 2], "train_error": [90.0, end], "eval_iteration": []}
+        return {"curve": curve, "eval_split": None}
+
+    ends = {"plain20": 3.0, "plain110": 81.0, "resnet20": 1.5, "resnet110": 0.07}
+    result = {
+        "experiment": "degradation",
+        "budget": "full",
+        "val_split": 0,
+        "runs": {n: run(e) for n, e in ends.items()},
+    }
+    limits = {}
+    panel = report._curve_panel
+    monkeypatch.setattr(
+        report,
+        "_curve_panel",
+        lambda ax, result, names, title, ylim: (
+            limits.__setitem__(title, ylim),
+            panel(ax, result, names, title, ylim),
+        ),
+    )
+    report._figures(result, tmp_path)
+    assert limits == {"plain nets": None, "ResNets": (0.0, 20.0)}
 
 
 def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch):
