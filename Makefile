@@ -63,8 +63,10 @@ lint: setup
 # Lanes: on the 2-core CPUs one step scales to 1.41-1.47x over 2 threads, so two nets side by
 # side with a thread each train 1.36-1.42x the images/s of one net with both (benchmarks/lanes.py;
 # LANES=1 finishes the next net sooner). Each lane takes the next net that is neither finished
-# nor held by the other lane (flock). With fewer nets left than lanes, as many lanes as nets
-# share the cores: the last net trains on both, not on one thread beside an idle core.
+# nor held by the other lane (flock). With fewer nets left than lanes when it starts, as many
+# lanes as nets share the cores: a last net left alone trains on both, not on one thread beside
+# an idle core (a lane that runs out of nets mid-campaign leaves its core idle until the next
+# start: a run's threads are set when it starts).
 CIFAR10 ?= ../shared/data/cifar10-jpeg-train.zip
 # ResNet-20 was trained first, in fp32 on an AVX2-only CPU, and ships; on a CPU with bf16 units it
 # trains again, in bf16 as the others do, right after ResNet-56: issue 9's two precisions side
@@ -80,8 +82,8 @@ LANE_THREADS ?=
 # OMP_WAIT_POLICY=PASSIVE: with spinning OpenMP threads a two-thread step slowed 4x whenever a
 # test or build shared the cores; passive waits cost it 14% on an idle machine (AVX2 CPU,
 # ResNet-20) and 19% (AVX-512 BF16 CPU, ResNet-110 in bf16) (benchmarks/omp_wait_policy.py):
-# OMP_WAIT=ACTIVE where nothing else will run. It matters only where LANE_THREADS > 1 (LANES=1
-# on 2 cores): a lane of one thread never waits for another.
+# OMP_WAIT=ACTIVE where nothing else will run. It matters only where a lane has more than one
+# thread (LANES=1 on 2 cores, or one net left): a lane of one thread never waits for another.
 OMP_WAIT ?= PASSIVE
 # torch.compile of the step: 1.05x for ResNet-56 in bf16 on the AVX512-BF16 CPU, ahead in every
 # round (benchmarks/step_variants.py), 1.03-1.06x in fp32 on the AVX2 one; ~45 s to compile at
@@ -90,7 +92,8 @@ OMP_WAIT ?= PASSIVE
 CAMPAIGN_COMPILE ?= $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--compile')")
 campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
-	@todo=0; for m in $(CAMPAIGN_NETS); do test -f $(CAMPAIGN_RUNS)/$$m/summary.json || todo=$$((todo + 1)); done; \
+	@test $(LANES) -ge 1 2>/dev/null || { echo "campaign: LANES=$(LANES): a number of lanes, 1 or more"; exit 2; }; \
+	todo=0; for m in $(CAMPAIGN_NETS); do test -f $(CAMPAIGN_RUNS)/$$m/summary.json || todo=$$((todo + 1)); done; \
 	lanes=$$(( $(LANES) < todo ? $(LANES) : todo )); test $$lanes -gt 0 || { echo "campaign: every net has finished"; exit 0; }; \
 	threads=$(LANE_THREADS); test -n "$$threads" || threads=$$(( $$(nproc) / lanes > 0 ? $$(nproc) / lanes : 1 )); \
 	pids=""; for lane in $$(seq $$lanes); do \

@@ -158,11 +158,7 @@ def publish(
         if mine:
             if record is not None and not all((Path(record) / n).is_file() for n in RECORD):
                 _copy_files(run, Path(record), RECORD)
-            entry = add_missing_hashes(mine[0], nets, root)
-            if "trained_on" not in entry:  # shipped before the manifest kept it
-                nets[mine[0]] = entry = {**entry, "trained_on": trained_on(saved)}
-                write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
-            return entry
+            return add_missing(mine[0], nets, root)
         if name in nets:
             name = f"{name}-{trained[3]}"
             if name in nets:
@@ -240,17 +236,23 @@ def _hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def add_missing_hashes(name: str, nets: dict[str, dict], root: Path) -> dict:
-    """A shipped net's entry, given the hashes a manifest from before them lacks (written to it).
+def add_missing(name: str, nets: dict[str, dict], root: Path) -> dict:
+    """A shipped net's entry, given what a manifest from before them lacks (written to it): the
+    hashes beside the weights', and trained_on, from the shipped config.json.
 
     `publish --once` does this for a run shipped already; for a net whose run is gone:
-    python -c "from deepres.pretrained import *; add_missing_hashes(NAME, manifest(), SHIPPED)"
+    python -c "from deepres.pretrained import *; add_missing(NAME, manifest(), SHIPPED)"
     """
     entry = nets[name]
-    if all(key in entry for key in _hashes(root / name)):
+    missing = {}
+    if not all(key in entry for key in _hashes(root / name)):
+        _verified(name, entry, root)  # the weights still the ones shipped
+        missing.update(_hashes(root / name))
+    if "trained_on" not in entry:
+        missing["trained_on"] = trained_on(read_config(root / name))
+    if not missing:
         return entry
-    _verified(name, entry, root)  # the weights still the ones shipped
-    nets[name] = {**entry, **_hashes(root / name)}
+    nets[name] = {**entry, **missing}
     write_json(root / MANIFEST, {"nets": dict(sorted(nets.items()))})
     return nets[name]
 

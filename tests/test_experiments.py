@@ -696,7 +696,12 @@ def test_each_fig6_panel_takes_the_paper_s_axis_where_its_own_curves_fit(tmp_pat
         ),
     )
     report._figures(result, tmp_path)
-    assert limits == {"plain nets": None, "ResNets": (0.0, 20.0)}
+    # Plain-110 beside Fig. 6's plain nets, as the paper leaves it out: on an axis of its own.
+    assert limits == {
+        "plain nets": (0.0, 20.0),
+        "deeper plain nets (not in Fig. 6)": None,
+        "ResNets": (0.0, 20.0),
+    }
 
 
 def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from deepres.cli import main
 from deepres.data import DataError, open_dataset
 from deepres.evaluate import evaluate_run
 from deepres.models import count_params
-from deepres.pretrained import _swap_in, manifest, publish, resolve_run, sha256
+from deepres.pretrained import _swap_in, add_missing, manifest, publish, resolve_run, sha256
 from deepres.train import train
 
 
@@ -143,12 +143,14 @@ def test_the_manifest_names_each_device_a_run_trained_on(finished_run, shipped, 
     config["resumed"] = [
         {"iteration": 2, "device": "GPU X", "torch": "9.9"},
         {"iteration": 3, "device": "GPU X", "torch": "9.9"},  # no move: not a new device
+        {"iteration": 4, "device": config["device"], "torch": config["torch"]},  # and back
     ]
     (run / "config.json").write_text(json.dumps(config))
     entry = publish(run, "tiny-moved", "cmd", root=shipped)
     assert entry["trained_on"] == [
         {"from_iteration": 0, "device": config["device"], "torch": config["torch"]},
         {"from_iteration": 2, "device": "GPU X", "torch": "9.9"},
+        {"from_iteration": 4, "device": config["device"], "torch": config["torch"]},
     ]
     nets = manifest(shipped)
     del nets["tiny-moved"]["trained_on"]  # a net shipped before the manifest kept it
@@ -157,6 +159,15 @@ def test_the_manifest_names_each_device_a_run_trained_on(finished_run, shipped, 
     assert (
         again["trained_on"] == entry["trained_on"] == manifest(shipped)["tiny-moved"]["trained_on"]
     )
+    # A net whose run is gone gets it from its own shipped config.json.
+    nets = manifest(shipped)
+    del nets["tiny-moved"]["trained_on"]
+    (shipped / "manifest.json").write_text(json.dumps({"nets": nets}))
+    shutil.rmtree(run)
+    assert (
+        add_missing("tiny-moved", manifest(shipped), shipped)["trained_on"] == entry["trained_on"]
+    )
+    assert manifest(shipped)["tiny-moved"]["trained_on"] == entry["trained_on"]
 
 
 def test_publish_fails_before_it_touches_a_shipped_net(tiny_folder, shipped, tmp_path):
