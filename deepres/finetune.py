@@ -32,10 +32,14 @@ _EXPECTED = (
 
 
 def init_source(path: str | Path) -> Path | None:
-    """The run directory --init names (a run or a shipped net), None for a weights file."""
+    """The run directory --init names (a run, a run's weights file or a shipped net), None for
+    a weights file from elsewhere."""
     if not Path(path).exists() and str(path) in manifest():
         return resolve_run(path)
-    return Path(path) if Path(path).is_dir() else None
+    path = Path(path)
+    if path.name == WEIGHTS and (path.parent / CONFIG).is_file():
+        return path.parent
+    return path if path.is_dir() else None
 
 
 def check_init(path: str | Path, model: str) -> None:

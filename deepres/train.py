@@ -491,8 +491,9 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
             _warn_init_input(config, normalize, input_size)
         load_backbone(model, config.init, init_weights)
         bottlenecks = any(isinstance(m, Bottleneck) for m in model.modules())
-        if bottlenecks and not config.stride_in and Path(config.init).suffix in (".pth", ".pt"):
-            # Their shapes fit a v1 net's, so nothing else would tell.
+        if bottlenecks and not config.stride_in and init_source(config.init) is None:
+            # Weights from elsewhere (torchvision's .pth, timm's or the Hub's .safetensors): their
+            # shapes fit a v1 net's, so nothing else would tell.
             warnings.warn(
                 f"--init {config.init}: torchvision's ResNet-50/101/152 weights are v1.5 (the "
                 "stride in the 3x3 conv) and load into this v1 net without an error; for those, "
@@ -680,7 +681,7 @@ def _warn_init_input(config: TrainConfig, normalize: str, input_size: list[int])
     """Say where the new run's input differs from the one the --init weights learned on."""
     source = init_source(config.init)
     if source is None:
-        if normalize == "pixel" and Path(config.init).suffix in (".pth", ".pt"):
+        if normalize == "pixel":
             if model_family(config.model) == "imagenet":
                 # torchvision's and timm's weights learned on per-channel normalised photos.
                 warnings.warn(

@@ -3,6 +3,7 @@ import json
 import os
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,16 +256,28 @@ def test_init_refuses_the_weights_of_another_net_with_the_same_tensors(tiny_fold
         train(typo, progress=False)
 
 
-def test_a_weights_file_into_an_imagenet_net_normalised_per_pixel_is_warned_about(tmp_path):
+@pytest.mark.parametrize("kind", ["pth", "safetensors"])  # torchvision's; timm's or the Hub's
+def test_a_weights_file_into_an_imagenet_net_normalised_per_pixel_is_warned_about(tmp_path, kind):
     from deepres.train import _warn_init_input
 
-    pth = weights_files(tmp_path, create_model("resnet18", width=4))["pth"]
-    config = TrainConfig(model="resnet18", data="d", out="o", init=pth)
+    weights = weights_files(tmp_path, create_model("resnet18", width=4))[kind]
+    config = TrainConfig(model="resnet18", data="d", out="o", init=weights)
     with pytest.warns(UserWarning, match="torchvision's and timm's weights learned on per-channel"):
         _warn_init_input(config, "pixel", [3, 32, 32])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_init_input(config, "channel", [3, 32, 32])
+
+
+def test_a_runs_own_weights_file_is_taken_as_the_run(tmp_path):
+    from deepres.finetune import init_source
+
+    files = weights_files(tmp_path, create_model("resnet20", width=4))
+    run = Path(files["run"])
+    assert init_source(run / WEIGHTS) is None  # no config.json: a weights file like any other
+    (run / "config.json").write_text("{}")
+    assert init_source(run / WEIGHTS) == run == init_source(run)
+    assert init_source(files["safetensors"]) is None
 
 
 def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, capsys):

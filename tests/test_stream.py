@@ -256,6 +256,14 @@ def test_the_held_out_split_is_val_or_val_split(photo_folder):
     assert sorted(held_labels + held.train.labels) == sorted(data.train.labels)
 
 
+def test_a_held_out_class_the_training_photos_lack_is_refused(tmp_path):
+    write_photos(tmp_path / "photos" / "train", per_class=2)
+    write_photos(tmp_path / "photos" / "val", per_class=2)
+    (tmp_path / "photos" / "val" / "bees").rename(tmp_path / "photos" / "val" / "Bees")
+    with pytest.raises(DataError, match="class 'Bees' is not in the train split"):
+        open_photos(str(tmp_path / "photos"), 0, AUGMENT)
+
+
 def test_a_corrupt_photo_stops_the_stream_with_one_line_naming_it(tmp_path):
     write_photos(tmp_path / "photos", per_class=4)
     bad = tmp_path / "photos" / "bees" / "002.jpg"

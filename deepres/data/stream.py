@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from deepres.data.augment import Augment, Lighting, colour_statistics, view
 from deepres.data.loader import SPLIT_SEED, Preprocess, split_train_val
 from deepres.data.readers import (
+    available_splits,
     decode_image,
     list_image_folder,
     read_zip_member,
@@ -187,10 +188,11 @@ def stream_splits(spec: str) -> list[str]:
 
 
 def _folder_split(spec: str, split: str):
-    try:
-        return list_image_folder(spec, split)
-    except DataError:
+    # Only a split that is not there is None: one that is there but wrong (a class the training
+    # split lacks) is refused, not trained beside without a held-out split.
+    if split not in available_splits(spec):
         return None
+    return list_image_folder(spec, split)
 
 
 def open_image_files(
