@@ -306,7 +306,10 @@ def _train(
         try:
             while iteration < recipe.iters:
                 lr = recipe.lr_at(iteration, s.state["warming_up"])
-                _step(s, iteration, lr, window)
+                try:
+                    _step(s, iteration, lr, window)
+                except DataError as error:
+                    raise _unreadable(s, iteration, window, error) from None
                 iteration += 1
                 bar.update(1)
 
@@ -1018,6 +1021,20 @@ def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.T
     tensors += [v for slots in optimizer.state.values() for v in slots.values()]
     checks = [t.isfinite().all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
     return torch.stack(checks).all()
+
+
+def _unreadable(s: _Session, iteration: int, window: _Window, error: DataError) -> DataError:
+    # A streamed photo is first read when its batch comes, maybe hours in: keep what was trained
+    # (the batch was not), and say how to go on. Under torchrun the other ranks wait in a
+    # collective, so no rank can save alone.
+    if s.world_size > 1:
+        return error
+    _save(s, iteration, window)
+    return DataError(
+        f"{error}; {s.run} is checkpointed at iteration {iteration}: replace the file with a "
+        "readable image of the same name (a resume reads the photos in the same order) and "
+        f"deepres train --resume {s.run}"
+    )
 
 
 def _diverged(s: _Session, iteration: int, what: str) -> Diverged:

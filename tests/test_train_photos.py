@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from PIL import Image
 import deepres
 from deepres.checkpoint import checkpoint_state, load_tensors
 from deepres.cli import main
+from deepres.data import DataError
 from deepres.evaluate import center_crop, evaluate_run, resize_shorter
 from deepres.report import read_metrics
 from deepres.train import TrainConfig, load_config, train
@@ -125,6 +128,30 @@ def test_a_streamed_run_resumes_with_exactly_the_same_weights(photo_folder, tmp_
     assert [{k: m.get(k) for k in keep} for m in read_metrics(tmp_path / "whole")] == [
         {k: m.get(k) for k in keep} for m in read_metrics(tmp_path / "stopped")
     ]
+
+
+def test_a_photo_unreadable_mid_run_checkpoints_the_run_and_says_how_to_go_on(
+    photo_folder, tmp_path
+):
+    data = tmp_path / "photos"
+    shutil.copytree(photo_folder, data)
+    whole = photo_config(data, tmp_path / "whole")
+    train(whole, progress=False)
+    run = tmp_path / "run"
+    train(replace(whole, out=str(run)), stop_at=2, progress=False)
+    bad = data / "train" / "bees" / "004.jpg"
+    photo = bad.read_bytes()
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")  # after the statistics' sample had read it
+    with pytest.raises(DataError, match=f"{bad}: cannot decode image") as error:
+        train(load_config(run), resume=True, progress=False)
+    stopped = int(re.search(r"checkpointed at iteration (\d+)", str(error.value)).group(1))
+    assert stopped >= 2 and checkpoint_state(run)["iteration"] == stopped
+    assert f"deepres train --resume {run}" in str(error.value)
+    bad.write_bytes(photo)
+    train(load_config(run), resume=True, progress=False)
+    assert (run / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_image_size_keeps_an_imagenet_net_on_the_in_memory_path(photo_folder, tmp_path):
