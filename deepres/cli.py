@@ -847,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         # Sizes that pass every check and still ask for more memory than there is (--width
         # 100000): torch's allocator says so in a RuntimeError of many lines.
         text = str(err)
+        if text.startswith("DataLoader worker"):  # (under torchrun: no checkpoint to name)
+            cause = text.splitlines()[0].strip()
+            print(f"deepres {args.command}: error: {cause} (out of memory?)", file=sys.stderr)
+            return 2
         if not isinstance(err, MemoryError) and "memory" not in text:
             raise
         cause = next((line for line in text.splitlines() if "memory" in line), text)

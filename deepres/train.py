@@ -308,8 +308,10 @@ def _train(
                 lr = recipe.lr_at(iteration, s.state["warming_up"])
                 try:
                     _step(s, iteration, lr, window)
-                except DataError as error:
-                    raise _unreadable(s, iteration, window, error) from None
+                except (DataError, RuntimeError) as error:
+                    if isinstance(error, RuntimeError) and not _worker_died(error):
+                        raise
+                    raise _batch_failed(s, iteration, window, error) from None
                 iteration += 1
                 bar.update(1)
 
@@ -1023,16 +1025,27 @@ def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.T
     return torch.stack(checks).all()
 
 
-def _unreadable(s: _Session, iteration: int, window: _Window, error: DataError) -> DataError:
+def _worker_died(error: BaseException) -> bool:
+    """Whether an error is PyTorch's for a DataLoader worker killed or gone (often: no memory)."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
+
+
+def _batch_failed(s: _Session, iteration: int, window: _Window, error: Exception) -> Exception:
     # A streamed photo is first read when its batch comes, maybe hours in: keep what was trained
     # (the batch was not), and say how to go on. Under torchrun the other ranks wait in a
     # collective, so no rank can save alone.
     if s.world_size > 1:
         return error
     _save(s, iteration, window)
-    return DataError(
-        f"{error}; {s.run} is checkpointed at iteration {iteration}: replace the file with a "
-        "readable image of the same name (a resume reads the photos in the same order) and "
+    kept = f"{s.run} is checkpointed at iteration {iteration}"
+    if isinstance(error, DataError):
+        return DataError(
+            f"{error}; {kept}: replace the file with a readable image of the same name (a "
+            f"resume reads the photos in the same order) and deepres train --resume {s.run}"
+        )
+    cause = str(error).splitlines()[0].strip()
+    return ChildProcessError(
+        f"{cause} (the system may be out of memory: fewer --workers use less); {kept}: "
         f"deepres train --resume {s.run}"
     )
 

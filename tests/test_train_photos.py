@@ -154,6 +154,29 @@ def test_a_photo_unreadable_mid_run_checkpoints_the_run_and_says_how_to_go_on(
     ).read_bytes()
 
 
+def test_a_dataloader_worker_killed_mid_run_ends_in_one_line_after_a_checkpoint(
+    photo_folder, tmp_path, monkeypatch, capsys
+):
+    from deepres.data.stream import PhotoStream
+
+    batch = PhotoStream.batch
+
+    def killed_at_3(self, iteration):
+        if iteration == 3:  # as PyTorch says it when the OOM killer took a worker
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        return batch(self, iteration)
+
+    monkeypatch.setattr(PhotoStream, "batch", killed_at_3)
+    flags = ["--model", "resnet18", "--width", "8", "--crop-size", "32", "--batch-size", "8"]
+    run = tmp_path / "run"
+    flags += ["--iters", "6", "--workers", "0", "--quiet", "--data", str(photo_folder)]
+    assert main(["train", *flags, "--out", str(run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "DataLoader worker (pid 4242) is killed" in error
+    assert f"{run} is checkpointed at iteration 3" in error and "--workers" in error
+    assert checkpoint_state(run)["iteration"] == 3
+
+
 def test_image_size_keeps_an_imagenet_net_on_the_in_memory_path(photo_folder, tmp_path):
     train(photo_config(photo_folder, tmp_path / "run", image_size=32, iters=1), progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
