@@ -851,3 +851,21 @@ def test_an_empty_class_folder_is_refused(tmp_path):
         open_dataset(str(split), "train")
     with pytest.raises(DataError, match=f"^{re.escape(str(archive))}:test/birds: class folder"):
         open_dataset(str(archive), "train")
+
+
+def test_photos_too_large_to_decode_whole_are_refused_before_they_fill_memory(
+    tmp_path, monkeypatch
+):
+    for name in ("a", "b"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 80, 0, 0)).save(tmp_path / "photos" / name / f"{i}.png")
+    # Six 40x30 colour images held three times over: 64,800 bytes.
+    monkeypatch.setattr(readers, "available_memory", lambda: 64_000)
+    with pytest.raises(
+        DataError, match=r"6 images of 40x30, decoded whole, need about .*--image-size S"
+    ):
+        open_dataset(str(tmp_path / "photos"))
+    assert open_dataset(str(tmp_path / "photos"), image_size=16).images.shape == (6, 3, 16, 16)
+    monkeypatch.setattr(readers, "available_memory", lambda: 64_800)
+    assert open_dataset(str(tmp_path / "photos")).images.shape == (6, 3, 30, 40)

@@ -924,6 +924,7 @@ def _decode_images(source: _Source, names: list[str], image_size: int | None) ->
         array = decode_image(data, where, image_size)
         if first is None:
             first = (where, array)
+            _check_memory(source, len(names), array)
         elif array.shape[:2] != first[1].shape[:2]:
             (height, width), (first_height, first_width) = array.shape[:2], first[1].shape[:2]
             raise MixedSizes(
@@ -936,6 +937,33 @@ def _decode_images(source: _Source, names: list[str], image_size: int | None) ->
     # Mixed gray and colour: gray becomes RGB the way Pillow's convert("RGB") does it.
     rgb = [np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
     return np.stack(rgb).transpose(0, 3, 1, 2)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(source: _Source, n: int, first: np.ndarray) -> None:
+    # A folder of camera photos of one size would decode whole at full size, held about three
+    # times over (the arrays, their stack, the cache's bytes): the OOM killer would end it with
+    # no word, after minutes. Colour, as one colour image makes the whole set colour.
+    height, width = first.shape[:2]
+    need = 3 * n * height * width * 3
+    free = available_memory()
+    if free is not None and need > free:
+        raise DataError(
+            f"{source.label}: {n:,} images of {width}x{height}, decoded whole, need about "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory free: "
+            "--image-size S decodes them at SxS (32 for a CIFAR net), or an ImageNet net "
+            "streams them"
+        )
 
 
 def decode_image(data: bytes, where: str, image_size: int | None = None) -> np.ndarray:
