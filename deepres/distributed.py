@@ -8,11 +8,17 @@ directory. Outside torchrun every function here is a no-op for a single process.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+# How long a rank waits in a collective for the others. Rank 0 alone decodes the held-out
+# photos at the start (50,000 for ImageNet, on every resume), evaluates and writes checkpoints
+# while the others wait: NCCL's default of 10 minutes would end such a run.
+TIMEOUT = timedelta(hours=1)
 
 
 def _environ(name: str, default: str | None = None) -> int:
@@ -58,9 +64,9 @@ def setup(device: torch.device) -> torch.device:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=TIMEOUT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     return device
 
 

@@ -259,12 +259,15 @@ def train(
     asked = parse_device(config.device)
     # Global torch state a session sets (the seeds, determinism, cuDNN's autotuner, TF32, the
     # current GPU) is put back as it was after it: train() may be one call of a longer program.
-    current = torch.cuda.current_device() if asked.type == "cuda" else None
+    # Under torchrun a process is the run's alone, and reading every GPU's state would open a
+    # context (memory) on each GPU from every rank: only a single process puts GPU state back.
+    gpu_state = asked.type == "cuda" and distributed.world()[1] == 1
+    current = torch.cuda.current_device() if gpu_state else None
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     # torch.manual_seed seeds every GPU: every GPU's generator is kept.
-    devices = list(range(torch.cuda.device_count())) if asked.type == "cuda" else []
+    devices = list(range(torch.cuda.device_count())) if gpu_state else []
     device = distributed.setup(asked)
     try:
         # Holds what the session must let go of however it ends: the run directory's lock.
@@ -885,6 +888,9 @@ class GraphedStep:
         self.amp = torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
+        # A capture stream on the net's own GPU: torch.cuda.graph's default one is made once per
+        # process, on the GPU current then, and a later run on another GPU would capture there.
+        self.stream = torch.cuda.Stream(next(model.parameters()).device)
 
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, lr: float
@@ -923,7 +929,9 @@ class GraphedStep:
         # Capturing records the kernels without running them: the weights stay as they are.
         # thread_local: the photo loader's pin-memory thread may call CUDA meanwhile.
         try:
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                self.graph, stream=self.stream, capture_error_mode="thread_local"
+            ):
                 self._forward_backward()
         except RuntimeError as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)

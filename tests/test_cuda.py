@@ -107,3 +107,18 @@ def test_auto_precision_is_bf16_from_ampere_on_and_fp32_before(tiny_folder, tmp_
     # Compute capability 8.0 (A100, RTX 30xx) and later have bf16 units; V100 and T4 do not.
     assert load_config(run).precision == ("bf16" if major >= 8 else "fp32")
     assert read_metrics(run)[0]["precision"] == load_config(run).precision
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_graphed_run_on_a_second_gpu_after_one_on_the_first_trains_there(tiny_folder, tmp_path):
+    # torch.cuda.graph's default capture stream is made once, on the GPU current then: a later
+    # run on cuda:1 would capture nothing there, and its replays would train nothing.
+    first = tiny_config(tiny_folder, tmp_path / "gpu0", device="cuda:0", cuda_graph=True)
+    train(first, progress=False)
+    eager = replace(first, out=str(tmp_path / "eager1"), device="cuda:1", cuda_graph=False)
+    graphed = replace(eager, out=str(tmp_path / "graphed1"), cuda_graph=True)
+    train(eager, progress=False)
+    train(graphed, progress=False)
+    a, b = weights(tmp_path / "eager1"), weights(tmp_path / "graphed1")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -2,8 +2,9 @@
 
 The whole data set lives on the training device as one uint8 tensor; a batch is gathered,
 normalised and augmented there in a few tensor operations, with no per-sample Python.
-Every random draw is derived from (seed, iteration), so a run resumed at any iteration sees
-exactly the batches it would have seen had it never stopped.
+Every random draw is derived from (seed, iteration), so a run resumed at any iteration on the
+same kind of device sees exactly the batches it would have seen had it never stopped (the crops
+and flips are drawn on the device: a CPU and a GPU draw other numbers from one seed).
 """
 
 from __future__ import annotations
