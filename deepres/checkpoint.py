@@ -174,6 +174,11 @@ def read_config(run: Path) -> dict:
         check_options(saved["model"], saved["model_options"])
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    augment = saved.get("augment")  # a streamed run's views: eval and predict take its crop
+    if augment is not None and not (
+        isinstance(augment, dict) and isinstance(augment.get("crop"), int)
+    ):
+        raise ValueError(f"{path}: not the config of a deepres run ('augment' damaged)")
     if not all(isinstance(name, str) for name in saved["classes"]):
         raise ValueError(f"{path}: its class names are not all strings")
     outputs = saved["model_options"].get("num_classes", len(saved["classes"]))

@@ -42,6 +42,10 @@ def read_metrics(run: Path) -> list[dict]:
         try:
             record = json.loads(line)
             ok = isinstance(record["iteration"], int) and record["images"] > 0
+            # What the reports and the final summary read from every record.
+            ok = ok and all(
+                isinstance(record[k], int | float) for k in ("train_error", "train_loss")
+            )
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
@@ -237,7 +241,7 @@ def plot_run(run: Path) -> Path:
     saved = json.loads((run / "config.json").read_text())
     name = saved["model"]
     if metrics:
-        plot_curves(ax, curve(metrics, saved["eval_split"]), name)
+        plot_curves(ax, curve(metrics, saved.get("eval_split")), name)
     style_axes(ax, f"{name}: training (dashed) and evaluation (solid) error")
     path = run / "curves.png"
     fig.tight_layout()

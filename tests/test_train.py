@@ -1162,6 +1162,15 @@ def test_damaged_run_files_are_one_line_errors_naming_the_run(tiny_folder, tmp_p
     damaged(lambda c: c.update(classes=[1, 2, 3]))
     assert main(["eval", str(run), "--data", str(tiny_folder)]) == 2
     assert one_line(capsys).endswith(f"{config}: its class names are not all strings")
+    # A streamed run's views without their crop; a record without its training error.
+    damaged(lambda c: c.update(augment={"kind": "scale"}))
+    assert main(["eval", str(run), "--data", str(tiny_folder)]) == 2
+    assert one_line(capsys).endswith(
+        f"{config}: not the config of a deepres run ('augment' damaged)"
+    )
+    damaged(None, {"train_error": None})
+    assert main(["status", str(run)]) == 2
+    assert one_line(capsys).endswith(f"{metrics}: line 1 is not a training record")
 
 
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
