@@ -398,7 +398,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     rank, world_size = distributed.world()
     main = rank == 0
     run = Path(config.out)
-    _check_run_dir(run, resume)
+    _check_run_dir(run, resume, probe=main)
     init_weights, init_from = None, None
     if config.init and not resume:
         # Found now, not after minutes of decoding: a typo, another net's weights.
@@ -712,7 +712,7 @@ def _warn_init_input(config: TrainConfig, normalize: str, input_size: list[int])
         )
 
 
-def _check_run_dir(run: Path, resume: bool) -> None:
+def _check_run_dir(run: Path, resume: bool, probe: bool = True) -> None:
     if resume and not run.exists():
         raise FileNotFoundError(f"{run}: no such run directory")
     if resume and not (run / CHECKPOINT).is_file():
@@ -725,8 +725,10 @@ def _check_run_dir(run: Path, resume: bool) -> None:
     if not resume and started and not (run / CHECKPOINT).exists() and not (run / SUMMARY).exists():
         # Out of memory at the first step, say: --resume would find nothing to go on from. Or
         # still before its first checkpoint, in another process: RunInUse says so instead.
-        with hold_run(run):
-            pass
+        # Rank 0 alone asks (probe): under torchrun the ranks would take the lock from each other.
+        if probe:
+            with hold_run(run):
+                pass
         raise FileExistsError(
             f"{run}: holds a run that stopped before its first checkpoint, so there is nothing "
             "to resume; remove it to start again, or choose another --out"

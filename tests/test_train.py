@@ -1223,3 +1223,23 @@ def test_paths_of_the_wrong_kind_are_one_line_errors_that_say_so(tiny_folder, tm
         with pytest.raises(SystemExit) as stop:
             main(args)
         assert stop.value.code == 2 and "give the path of the file to write" in one_line(capsys)
+
+
+def test_under_torchrun_only_rank_0_asks_for_a_stopped_runs_lock(tmp_path):
+    # A folder whose run stopped before its first checkpoint: rank 0 asks for its lock (held:
+    # the run is live elsewhere). The other ranks must not: they would take it from each other
+    # and say that another process is training the run.
+    from deepres.train import RunInUse, _check_run_dir
+
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunInUse):
+            _check_run_dir(run, resume=False)
+        with pytest.raises(FileExistsError, match="stopped before its first checkpoint"):
+            _check_run_dir(run, resume=False, probe=False)
+    finally:
+        os.close(fd)
