@@ -26,6 +26,7 @@ from deepres.data.readers import (
     NAMED_DATA,
     ImageFolderSplit,
     MixedSizes,
+    TooLarge,
     absolute_data,
     list_image_folder,
     locate_data,
@@ -315,7 +316,7 @@ def evaluate_run(
         return {**record, **views.settings(), **result, "classes": classifier.classes}
     try:
         dataset = open_dataset(data, read_split, image_size=config["image_size"])
-    except MixedSizes as error:
+    except (MixedSizes, TooLarge) as error:
         raise DataError(
             f"{error.sizes}: the single view needs images of the net's size; "
             "--protocol center or 10crop resizes and crops each one"

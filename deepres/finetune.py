@@ -32,12 +32,16 @@ _EXPECTED = (
 
 
 def init_source(path: str | Path) -> Path | None:
-    """The run directory --init names (a run, a run's weights file or a shipped net), None for
-    a weights file from elsewhere."""
+    """The run --init names (a run, its weights file, a shipped net); None for other weights."""
     if not Path(path).exists() and str(path) in manifest():
         return resolve_run(path)
     path = Path(path)
     if path.name == WEIGHTS and (path.parent / CONFIG).is_file():
+        # A Hub or timm snapshot holds a model.safetensors beside a config.json of its own.
+        try:
+            read_config(path.parent)
+        except (ValueError, OSError):
+            return None
         return path.parent
     return path if path.is_dir() else None
 

@@ -208,7 +208,7 @@ def publish(
         "stored_as": "bf16" if bf16 else "fp32",
         "train_error": round(train_error, 3),
         "train_loss": round(train_loss, 5),
-        "eval_split": saved["eval_split"],
+        "eval_split": saved.get("eval_split"),
         "command": command,
         "git_commit": saved.get("git_commit"),
         "torch": saved.get("torch"),

@@ -261,7 +261,7 @@ def plot_status(rows: list[dict], path: Path) -> Path:
             continue
         saved = read_json(run / CONFIG)
         where = "done" if row["finished"] else f"at {row['iteration']:,} of {row['iters']:,}"
-        plot_curves(ax, curve(metrics, saved["eval_split"]), f"{run.name} ({where})")
+        plot_curves(ax, curve(metrics, saved.get("eval_split")), f"{run.name} ({where})")
     style_axes(ax, "training error (dashed), held-out error (solid)")
     fig.tight_layout()
     path = Path(path)

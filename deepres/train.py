@@ -309,12 +309,16 @@ def _train(
         try:
             while iteration < recipe.iters:
                 lr = recipe.lr_at(iteration, s.state["warming_up"])
+                # Only a failure while the batch is fetched leaves the state as it was after
+                # the last step, to checkpoint: a worker's death reported mid-step (PyTorch
+                # raises it wherever the main thread is) ends the run at its last checkpoint.
                 try:
-                    _step(s, iteration, lr, window)
+                    x, y = s.stream.batch(iteration)
                 except (DataError, RuntimeError) as error:
                     if isinstance(error, RuntimeError) and not _worker_died(error):
                         raise
                     raise _batch_failed(s, iteration, window, error) from None
+                _step(s, x, y, lr, window)
                 iteration += 1
                 bar.update(1)
 
@@ -726,9 +730,10 @@ def _check_run_dir(run: Path, resume: bool, probe: bool = True) -> None:
         # Out of memory at the first step, say: --resume would find nothing to go on from. Or
         # still before its first checkpoint, in another process: RunInUse says so instead.
         # Rank 0 alone asks (probe): under torchrun the ranks would take the lock from each other.
-        if probe:
-            with hold_run(run):
-                pass
+        if not probe:
+            raise FileExistsError(f"{run}: holds a run not yet checkpointed (rank 0 says more)")
+        with hold_run(run):
+            pass
         raise FileExistsError(
             f"{run}: holds a run that stopped before its first checkpoint, so there is nothing "
             "to resume; remove it to start again, or choose another --out"
@@ -859,8 +864,7 @@ class _Window:
         self.n = 0
 
 
-def _step(s: _Session, iteration: int, lr: float, window: _Window) -> None:
-    x, y = s.stream.batch(iteration)
+def _step(s: _Session, x: torch.Tensor, y: torch.Tensor, lr: float, window: _Window) -> None:
     if s.graph is not None:
         loss, logits = s.graph(x, y, lr)
     else:

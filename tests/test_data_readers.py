@@ -869,3 +869,11 @@ def test_photos_too_large_to_decode_whole_are_refused_before_they_fill_memory(
     assert open_dataset(str(tmp_path / "photos"), image_size=16).images.shape == (6, 3, 16, 16)
     monkeypatch.setattr(readers, "available_memory", lambda: 64_800)
     assert open_dataset(str(tmp_path / "photos")).images.shape == (6, 3, 30, 40)
+    # Gray images are counted in one channel: 21,600 bytes.
+    for path in (tmp_path / "photos").rglob("*.png"):
+        (tmp_path / "gray" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("L").save(
+            tmp_path / "gray" / path.relative_to(tmp_path / "photos")
+        )
+    monkeypatch.setattr(readers, "available_memory", lambda: 21_600)
+    assert open_dataset(str(tmp_path / "gray")).images.shape == (6, 1, 30, 40)

@@ -271,13 +271,17 @@ def test_a_weights_file_into_an_imagenet_net_normalised_per_pixel_is_warned_abou
 
 def test_a_runs_own_weights_file_is_taken_as_the_run(tmp_path):
     from deepres.finetune import init_source
+    from deepres.pretrained import SHIPPED
 
     files = weights_files(tmp_path, create_model("resnet20", width=4))
     run = Path(files["run"])
     assert init_source(run / WEIGHTS) is None  # no config.json: a weights file like any other
-    (run / "config.json").write_text("{}")
-    assert init_source(run / WEIGHTS) == run == init_source(run)
+    # A Hub or timm snapshot: model.safetensors beside a config.json that is not a run's.
+    (run / "config.json").write_text('{"architecture": "resnet50", "num_classes": 1000}')
+    assert init_source(run / WEIGHTS) is None
     assert init_source(files["safetensors"]) is None
+    shipped = SHIPPED / "resnet20-cifar10"
+    assert init_source(shipped / WEIGHTS) == shipped == init_source(shipped)
 
 
 def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, capsys):
@@ -310,5 +314,13 @@ def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, caps
     assert main([*v1, "--out", str(tmp_path / "v1")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and pth in err[0]
+    # The same tensors as timm or the Hub ship them, in .safetensors: the same warning.
+    (tmp_path / "hub").mkdir()
+    hub = weights_files(tmp_path / "hub", create_model("resnet50", width=4, stride_in_1x1=False))
+    assert (
+        main([*v1[:-4], "--init", hub["safetensors"], *v1[-2:], "--out", str(tmp_path / "h")]) == 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and hub["safetensors"] in err[0]
     assert main([*v1, "--stride-in", "3x3", "--out", str(tmp_path / "v15-init")]) == 0
     assert capsys.readouterr().err.strip() == ""

@@ -125,6 +125,17 @@ _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: 
 _GZIP_CHUNK = 1 << 24
 
 
+class TooLarge(DataError):
+    """Images that decoded whole would not fit in memory; sizes says how many of what size."""
+
+    def __init__(self, sizes: str, detail: str):
+        super().__init__(
+            f"{sizes}, decoded whole, {detail}: --image-size S decodes them at SxS (32 for a "
+            "CIFAR net), or an ImageNet net streams them"
+        )
+        self.sizes = sizes
+
+
 class MixedSizes(DataError):
     """Images of more than one size where a split is decoded whole; sizes says which two."""
 
@@ -953,16 +964,17 @@ def available_memory() -> int | None:
 def _check_memory(source: _Source, n: int, first: np.ndarray) -> None:
     # A folder of camera photos of one size would decode whole at full size, held about three
     # times over (the arrays, their stack, the cache's bytes): the OOM killer would end it with
-    # no word, after minutes. Colour, as one colour image makes the whole set colour.
+    # no word, after minutes. Counted in the first image's channels (a later colour image in a
+    # gray set makes it colour: then it is counted short).
     height, width = first.shape[:2]
-    need = 3 * n * height * width * 3
+    channels = 1 if first.ndim == 2 else 3
+    need = 3 * n * height * width * channels
     free = available_memory()
     if free is not None and need > free:
-        raise DataError(
-            f"{source.label}: {n:,} images of {width}x{height}, decoded whole, need about "
-            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory free: "
-            "--image-size S decodes them at SxS (32 for a CIFAR net), or an ImageNet net "
-            "streams them"
+        raise TooLarge(
+            f"{source.label}: {n:,} images of {width}x{height}",
+            f"need about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
+            "free",
         )
 
 

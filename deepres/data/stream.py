@@ -184,15 +184,10 @@ def stream_splits(spec: str) -> list[str]:
     shards = _shard_layout(spec)
     if shards is not None:
         return [split for split in ("train", "test") if shards.get(split)]
-    return [split for split in ("train", "test") if _folder_split(spec, split) is not None]
-
-
-def _folder_split(spec: str, split: str):
-    # Only a split that is not there is None: one that is there but wrong (a class the training
-    # split lacks) is refused, not trained beside without a held-out split.
-    if split not in available_splits(spec):
-        return None
-    return list_image_folder(spec, split)
+    # Only a split that is not there is left out: one that is there but wrong (a class the
+    # training split lacks) is refused, not trained beside without a held-out split.
+    present = available_splits(spec)
+    return [s for s in ("train", "test") if s in present and list_image_folder(spec, s) is not None]
 
 
 def open_image_files(

@@ -171,7 +171,7 @@ def run_result(run: Path) -> dict:
     """Final errors, params and curves of a finished run, in %."""
     saved = read_config(run)
     metrics = read_metrics(run)
-    split = saved["eval_split"]
+    split = saved.get("eval_split")
     evaluated = [m for m in metrics if f"{split}_error" in m]
     model = create_model(saved["model"], **saved["model_options"])
     train_error, train_loss = final_training(metrics)
