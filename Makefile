@@ -85,11 +85,11 @@ LANE_THREADS ?=
 # OMP_WAIT=ACTIVE where nothing else will run. It matters only where a lane has more than one
 # thread (LANES=1 on 2 cores, or one net left): a lane of one thread never waits for another.
 OMP_WAIT ?= PASSIVE
-# torch.compile of the step: 1.05x for ResNet-56 in bf16 on the AVX512-BF16 CPU, ahead in every
-# round (benchmarks/step_variants.py), 1.03-1.06x in fp32 on the AVX2 one; ~45 s to compile at
-# each start. CAMPAIGN_COMPILE= trains eagerly. Not on a GPU, where each step replayed as a CUDA
-# graph (which --compile turns off) ran 4.7-5.8x as fast as launched kernel by kernel (README).
-CAMPAIGN_COMPILE ?= $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else '--compile')")
+# Eager. torch.compile of the step gained 1.05x on ResNet-56's synthetic step in bf16 on the
+# AVX512-BF16 CPU (benchmarks/step_variants.py), but plain-110's real run, resumed each way
+# side by side, trained 0.79x as fast compiled (benchmarks/compile_resume.py).
+# CAMPAIGN_COMPILE=--compile compiles (never on a GPU: --compile turns off the CUDA graphs).
+CAMPAIGN_COMPILE ?=
 campaign: restore
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@test $(LANES) -ge 1 2>/dev/null || { echo "campaign: LANES=$(LANES): a number of lanes, 1 or more"; exit 2; }; \
