@@ -87,7 +87,7 @@ LANE_THREADS ?=
 OMP_WAIT ?= PASSIVE
 # Eager. torch.compile of the step gained 1.05x on ResNet-56's synthetic step in bf16 on the
 # AVX512-BF16 CPU (benchmarks/step_variants.py), but plain-110's real run, resumed each way
-# side by side, trained 0.79x as fast compiled (benchmarks/compile_resume.py).
+# in turns, trained 0.78x as fast compiled (benchmarks/compile_resume.py).
 # CAMPAIGN_COMPILE=--compile compiles (never on a GPU: --compile turns off the CUDA graphs).
 CAMPAIGN_COMPILE ?=
 campaign: restore

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from deepres.checkpoint import checkpoint_state
 from deepres.provenance import machine
 from deepres.report import read_metrics
 
@@ -34,16 +35,25 @@ def session(run: Path, flag: str, seconds: float) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / run.name
         shutil.copytree(run, copy)
-        before = len(read_metrics(copy))
+        # The resume drops records past the checkpoint (a copy of a live run has some).
+        start = checkpoint_state(copy)["iteration"]
         deepres = [sys.executable, "-m", "deepres.cli", "train", "--resume", str(copy), flag]
         child = subprocess.Popen([*deepres, "--quiet"], stdout=subprocess.DEVNULL)
-        time.sleep(seconds)
-        child.send_signal(signal.SIGTERM)  # checkpoints and stops, as the campaign's runs do
-        child.wait(timeout=300)
-        return [m["images_per_sec"] for m in read_metrics(copy)[before:]]
+        try:
+            time.sleep(seconds)
+            child.send_signal(signal.SIGTERM)  # checkpoints and stops, as the campaign's runs do
+            code = child.wait(timeout=300)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if code not in (0, 130):
+            raise SystemExit(f"deepres train --resume {run} {flag}: exit status {code}")
+        return [m["images_per_sec"] for m in read_metrics(copy) if m["iteration"] > start]
 
 
 def main() -> None:
+    """Resume copies of the run in turns, eager and compiled; print the medians as JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a run directory with a checkpoint")
     p.add_argument("--seconds", type=float, default=120, help="each session's length")
@@ -54,10 +64,10 @@ def main() -> None:
     for r in range(args.rounds):
         for name in list(flags) if r % 2 == 0 else list(flags)[::-1]:
             windows[name].append(session(args.run, flags[name], args.seconds))
-    medians = {
-        name: statistics.median(w for got in sessions for w in got[1:])
-        for name, sessions in windows.items()
-    }
+    after_start = {k: [w for got in v for w in got[1:]] for k, v in windows.items()}
+    if not all(after_start.values()):
+        raise SystemExit("a session logged no window after its first: raise --seconds")
+    medians = {name: statistics.median(w) for name, w in after_start.items()}
     config = json.loads((args.run / "config.json").read_text())
     result = {
         "benchmark": "compile_resume",

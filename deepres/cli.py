@@ -847,9 +847,11 @@ def main(argv: list[str] | None = None) -> int:
         # Sizes that pass every check and still ask for more memory than there is (--width
         # 100000): torch's allocator says so in a RuntimeError of many lines.
         text = str(err)
-        if text.startswith("DataLoader worker"):  # (under torchrun: no checkpoint to name)
+        if text.startswith("DataLoader worker"):
+            # Reported mid-step or under torchrun: the run's last regular checkpoint stands.
             cause = text.splitlines()[0].strip()
-            print(f"deepres {args.command}: error: {cause} (out of memory?)", file=sys.stderr)
+            hint = "out of memory? fewer --workers use less; --resume from the last checkpoint"
+            print(f"deepres {args.command}: error: {cause} ({hint})", file=sys.stderr)
             return 2
         if not isinstance(err, MemoryError) and "memory" not in text:
             raise

@@ -316,7 +316,12 @@ def evaluate_run(
         return {**record, **views.settings(), **result, "classes": classifier.classes}
     try:
         dataset = open_dataset(data, read_split, image_size=config["image_size"])
-    except (MixedSizes, TooLarge) as error:
+    except TooLarge as error:
+        raise DataError(
+            f"{error.sizes}, decoded whole, would not fit in memory; --protocol center or 10crop "
+            "reads them one at a time"
+        ) from None
+    except MixedSizes as error:
         raise DataError(
             f"{error.sizes}: the single view needs images of the net's size; "
             "--protocol center or 10crop resizes and crops each one"

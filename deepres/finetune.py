@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from deepres.checkpoint import CONFIG, WEIGHTS, read_config, trained_iteration
+from deepres.checkpoint import CONFIG, WEIGHTS, read_config, read_json, trained_iteration
 from deepres.pretrained import manifest, resolve_run
 
 # The classifier: replaced for the new class count, never loaded.
@@ -37,12 +37,11 @@ def init_source(path: str | Path) -> Path | None:
         return resolve_run(path)
     path = Path(path)
     if path.name == WEIGHTS and (path.parent / CONFIG).is_file():
-        # A Hub or timm snapshot holds a model.safetensors beside a config.json of its own.
-        try:
-            read_config(path.parent)
-        except (ValueError, OSError):
-            return None
-        return path.parent
+        # A Hub or timm snapshot holds a model.safetensors beside a config.json of its own; a
+        # deepres run's has these keys (and one damaged otherwise is refused by read_config).
+        saved = read_json(path.parent / CONFIG)
+        ours = isinstance(saved, dict) and {"model", "config"} <= saved.keys()
+        return path.parent if ours else None
     return path if path.is_dir() else None
 
 

@@ -877,3 +877,8 @@ def test_photos_too_large_to_decode_whole_are_refused_before_they_fill_memory(
         )
     monkeypatch.setattr(readers, "available_memory", lambda: 21_600)
     assert open_dataset(str(tmp_path / "gray")).images.shape == (6, 1, 30, 40)
+    # A gray set with one colour image is colour: counted again when that image comes.
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(tmp_path / "gray" / "b" / "9.png")
+    monkeypatch.setattr(readers, "available_memory", lambda: 30_000)
+    with pytest.raises(DataError, match="7 images of 40x30"):
+        open_dataset(str(tmp_path / "gray"))

@@ -389,3 +389,17 @@ def test_a_net_evaluated_goes_back_to_its_mode_even_when_the_forward_fails():
     colour = Preprocess(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
     logits = evaluate.predict_logits(model, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), colour)
     assert logits.shape == (2, 3) and model.training
+
+
+def test_eval_of_images_too_large_to_decode_whole_says_how(tiny_folder, tmp_path, monkeypatch):
+    from deepres.data import DataError, readers
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_folder, run, iters=1), progress=False)
+    fresh = tmp_path / "fresh"  # not in the decode cache: decoded here
+    for c, name in enumerate(("blue", "green", "red")):
+        (fresh / name).mkdir(parents=True)
+        Image.new("RGB", (12, 12), (40 * c, 0, 0)).save(fresh / name / "0.png")
+    monkeypatch.setattr(readers, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match="would not fit in memory; --protocol center or 10crop"):
+        evaluate_run(run, str(fresh))

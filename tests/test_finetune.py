@@ -280,6 +280,10 @@ def test_a_runs_own_weights_file_is_taken_as_the_run(tmp_path):
     (run / "config.json").write_text('{"architecture": "resnet50", "num_classes": 1000}')
     assert init_source(run / WEIGHTS) is None
     assert init_source(files["safetensors"]) is None
+    # A config.json that is no JSON at all: a damaged run, named, not weights from elsewhere.
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        init_source(run / WEIGHTS)
     shipped = SHIPPED / "resnet20-cifar10"
     assert init_source(shipped / WEIGHTS) == shipped == init_source(shipped)
 
@@ -314,13 +318,14 @@ def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, caps
     assert main([*v1, "--out", str(tmp_path / "v1")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and pth in err[0]
-    # The same tensors as timm or the Hub ship them, in .safetensors: the same warning.
-    (tmp_path / "hub").mkdir()
-    hub = weights_files(tmp_path / "hub", create_model("resnet50", width=4, stride_in_1x1=False))
-    assert (
-        main([*v1[:-4], "--init", hub["safetensors"], *v1[-2:], "--out", str(tmp_path / "h")]) == 0
-    )
+    # The same tensors as the Hub ships them: model.safetensors beside a config.json of its own.
+    snapshot = tmp_path / "hub" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    save_tensors(snapshot / WEIGHTS, create_model("resnet50", width=4).state_dict())
+    (snapshot / "config.json").write_text('{"architecture": "resnet50", "num_classes": 1000}')
+    hub = str(snapshot / WEIGHTS)
+    assert main([*v1[:-4], "--init", hub, *v1[-2:], "--out", str(tmp_path / "h")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and hub["safetensors"] in err[0]
+    assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and hub in err[0]
     assert main([*v1, "--stride-in", "3x3", "--out", str(tmp_path / "v15-init")]) == 0
     assert capsys.readouterr().err.strip() == ""

@@ -177,6 +177,32 @@ def test_a_dataloader_worker_killed_mid_run_ends_in_one_line_after_a_checkpoint(
     assert checkpoint_state(run)["iteration"] == 3
 
 
+def test_a_worker_death_reported_mid_step_leaves_the_last_checkpoint(
+    photo_folder, tmp_path, monkeypatch, capsys
+):
+    # PyTorch reports a killed worker wherever the main thread is: mid-step, BN statistics and
+    # weights may have moved, so that state is not saved as an iteration's.
+    from deepres import train as train_module
+
+    step, calls = train_module._step, [0]
+
+    def killed_in_the_fourth(*args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("DataLoader worker (pid 4243) is killed by signal: Killed. ")
+        return step(*args)
+
+    monkeypatch.setattr(train_module, "_step", killed_in_the_fourth)
+    flags = ["--model", "resnet18", "--width", "8", "--crop-size", "32", "--batch-size", "8"]
+    flags += ["--iters", "6", "--workers", "0", "--quiet", "--checkpoint-every", "2"]
+    run = tmp_path / "run"
+    assert main(["train", *flags, "--data", str(photo_folder), "--out", str(run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "DataLoader worker (pid 4243) is killed" in error
+    assert "checkpointed at" not in error and "--workers" in error and "--resume" in error
+    assert checkpoint_state(run)["iteration"] == 2
+
+
 def test_image_size_keeps_an_imagenet_net_on_the_in_memory_path(photo_folder, tmp_path):
     train(photo_config(photo_folder, tmp_path / "run", image_size=32, iters=1), progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -929,18 +929,23 @@ def _read_image_folder(
 
 def _decode_images(source: _Source, names: list[str], image_size: int | None) -> np.ndarray:
     decoded: dict[str, np.ndarray] = {}
-    first = None
+    first, counted = None, 0
     for name, data in source.read(names):
         where = source.where(name)
         array = decode_image(data, where, image_size)
         if first is None:
             first = (where, array)
-            _check_memory(source, len(names), array)
         elif array.shape[:2] != first[1].shape[:2]:
             (height, width), (first_height, first_width) = array.shape[:2], first[1].shape[:2]
             raise MixedSizes(
                 f"{where} is {width}x{height} but {first[0]} is {first_width}x{first_height}"
             )
+        # At the first image, and again at the first colour one of a set that began gray (one
+        # colour image makes the whole set colour).
+        channels = 1 if array.ndim == 2 else 3
+        if channels > counted:
+            _check_memory(source, len(names), array)
+            counted = channels
         decoded[name] = array
     arrays = [decoded[name] for name in names]
     if all(array.ndim == 2 for array in arrays):
@@ -964,8 +969,7 @@ def available_memory() -> int | None:
 def _check_memory(source: _Source, n: int, first: np.ndarray) -> None:
     # A folder of camera photos of one size would decode whole at full size, held about three
     # times over (the arrays, their stack, the cache's bytes): the OOM killer would end it with
-    # no word, after minutes. Counted in the first image's channels (a later colour image in a
-    # gray set makes it colour: then it is counted short).
+    # no word, after minutes. Counted in the channels of the image given.
     height, width = first.shape[:2]
     channels = 1 if first.ndim == 2 else 3
     need = 3 * n * height * width * channels
