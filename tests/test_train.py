@@ -1191,14 +1191,15 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="some kernel failed"):
         main(["models", "resnet20"])
 
-    # A DataLoader worker the OOM killer took (under torchrun no checkpoint names it): one line.
+    # A DataLoader worker the OOM killer took, reported mid-step or under torchrun: one line.
     def worker_gone(*args, **kwargs):
         raise RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly\nmore lines")
 
     monkeypatch.setattr("deepres.cli.create_model", worker_gone)
     assert main(["models", "resnet20"]) == 2
     assert one_line(capsys).endswith(
-        "DataLoader worker (pid(s) 7) exited unexpectedly (out of memory?)"
+        "DataLoader worker (pid(s) 7) exited unexpectedly (out of memory? fewer --workers use "
+        "less; --resume from the last checkpoint)"
     )
 
 
