@@ -34,7 +34,7 @@ from deepres.inference import load
 from deepres.models import create_model, list_models, model_family, model_stats
 from deepres.pretrained import describe, publish, restore
 from deepres.report import block_table, find_runs, plot_status, run_status
-from deepres.train import PRECISIONS, TrainConfig, load_config, train
+from deepres.train import PRECISIONS, TrainConfig, load_config, train, worker_died
 
 # What `deepres --help` says before the commands.
 DESCRIPTION = (
@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         # Sizes that pass every check and still ask for more memory than there is (--width
         # 100000): torch's allocator says so in a RuntimeError of many lines.
         text = str(err)
-        if text.startswith("DataLoader worker"):
+        if worker_died(err):
             # Reported mid-step or under torchrun: the run's last regular checkpoint stands.
             cause = text.splitlines()[0].strip()
             hint = "out of memory? fewer --workers use less; --resume from the last checkpoint"

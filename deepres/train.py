@@ -315,7 +315,7 @@ def _train(
                 try:
                     x, y = s.stream.batch(iteration)
                 except (DataError, RuntimeError) as error:
-                    if isinstance(error, RuntimeError) and not _worker_died(error):
+                    if isinstance(error, RuntimeError) and not worker_died(error):
                         raise
                     raise _batch_failed(s, iteration, window, error) from None
                 _step(s, x, y, lr, window)
@@ -1039,7 +1039,7 @@ def _finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.T
     return torch.stack(checks).all()
 
 
-def _worker_died(error: BaseException) -> bool:
+def worker_died(error: BaseException) -> bool:
     """Whether an error is PyTorch's for a DataLoader worker killed or gone (often: no memory)."""
     return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
 
