@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,6 +255,20 @@ def test_the_held_out_split_is_val_or_val_split(photo_folder):
     assert set(held.train.entries) < set(data.train.entries)
     held_labels = held.eval_labels.tolist()
     assert sorted(held_labels + held.train.labels) == sorted(data.train.labels)
+
+
+def test_a_folder_is_walked_once_for_both_splits(photo_folder, tmp_path, monkeypatch):
+    import deepres.data.readers as readers
+
+    walks = []
+    walk = readers._walk
+    monkeypatch.setattr(readers, "_walk", lambda *args: walks.append(args) or walk(*args))
+    data = open_photos(str(photo_folder), 0, AUGMENT, decode_eval=False)
+    assert data.eval_split == "test" and len(data.train) == 24 and len(data.eval_labels) == 6
+    assert len(walks) == 1
+    shutil.copytree(photo_folder / "val", tmp_path / "only" / "val")
+    with pytest.raises(DataError, match="only: image folder with no train split .found: test"):
+        open_photos(str(tmp_path / "only"), 0, AUGMENT)
 
 
 def test_a_held_out_class_the_training_photos_lack_is_refused(tmp_path):

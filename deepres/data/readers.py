@@ -242,27 +242,44 @@ class ImageFolderSplit:
 
 def list_image_folder(spec: str, split: str = "train") -> ImageFolderSplit | None:
     """The files of a split of the image folder (folder or .zip) at spec; None if it is not one."""
-    if split not in SPLITS:
-        raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
+    listings = list_image_folders(spec, [split])
+    return None if listings is None else listings[split]
+
+
+def list_image_folders(
+    spec: str, splits: list[str] | None = None
+) -> dict[str, ImageFolderSplit] | None:
+    """Splits of the image folder at spec from one walk of it: those named, else all it has.
+
+    None if spec is not an image folder. A folder of a million photos takes a while to walk,
+    and a run wants its training and held-out splits both.
+    """
+    for split in splits or []:
+        if split not in SPLITS:
+            raise DataError(f"{spec}: split must be 'train' or 'test', not {split!r}")
     source = _open_source(spec)
     if isinstance(source, _Tar) or _detect(source)[0] != "image folder":
         return None
-    splits = _splits(source, "image folder", "")
-    if split not in splits:
-        hint = _NO_TEST_HINT if split == "test" else ""
-        found = ", ".join(splits) or "none"
-        raise DataError(
-            f"{source.label}: image folder with no {split} split (found: {found}){hint}"
+    there = _splits(source, "image folder", "")
+    for split in splits or []:
+        if split not in there:
+            hint = _NO_TEST_HINT if split == "test" else ""
+            found = ", ".join(there) or "none"
+            raise DataError(
+                f"{source.label}: image folder with no {split} split (found: {found}){hint}"
+            )
+    listings = {}
+    for split in splits or there:
+        names, labels, classes = _image_folder_split(source, split)
+        listings[split] = ImageFolderSplit(
+            source.path,
+            isinstance(source, _Zip),
+            names,
+            labels,
+            classes,
+            f"{source.where('')} (image folder, {split} split)",
         )
-    names, labels, classes = _image_folder_split(source, split)
-    return ImageFolderSplit(
-        source.path,
-        isinstance(source, _Zip),
-        names,
-        labels,
-        classes,
-        f"{source.where('')} (image folder, {split} split)",
-    )
+    return listings
 
 
 def available_splits(spec: str) -> list[str]:

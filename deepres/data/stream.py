@@ -36,6 +36,7 @@ from deepres.data.readers import (
     available_splits,
     decode_image,
     list_image_folder,
+    list_image_folders,
     read_zip_member,
     refuse_link,
     tar_members,
@@ -194,22 +195,42 @@ def open_image_files(
     spec: str, split: str = "train", classes: list[str] | None = None
 ) -> ImageFiles:
     """The photos of a split of an image folder or of tar shards, listed, not decoded."""
+    return open_image_splits(spec, [split], classes)[split]
+
+
+def open_image_splits(
+    spec: str, splits: list[str] | None = None, classes: list[str] | None = None
+) -> dict[str, ImageFiles]:
+    """Splits of the photos at spec, listed once: those named (each must be there), else all.
+
+    Shards name their classes by number: a held-out split takes classes, else the training
+    split's where that is listed too.
+    """
     shards = _shard_layout(spec)
     if shards is not None:
-        if not shards.get(split):
-            found = ", ".join(s for s in ("train", "test") if shards.get(s))
-            raise DataError(f"{spec}: tar shards with no {split} split (found: {found})")
-        return _index_shards(shards[split], split, classes)
-    listing = list_image_folder(spec, split)
-    if listing is None:
+        opened: dict[str, ImageFiles] = {}
+        for split in splits or [s for s in ("train", "test") if shards.get(s)]:
+            if not shards.get(split):
+                found = ", ".join(s for s in ("train", "test") if shards.get(s))
+                raise DataError(f"{spec}: tar shards with no {split} split (found: {found})")
+            known = classes or (opened["train"].classes if "train" in opened else None)
+            opened[split] = _index_shards(shards[split], split, known)
+        return opened
+    listings = list_image_folders(spec, splits)
+    if listings is None:
         raise DataError(
             f"{spec}: the streaming path reads image folders (a folder or .zip of"
             " <class>/<image> or train|val/<class>/<image>) or WebDataset tar shards"
         )
-    members = _ZipMembers(listing.path) if listing.is_zip else _Folder(listing.path)
-    if not listing.names:
-        raise DataError(f"{spec}: no images in the {split} split")
-    return ImageFiles(members, listing.names, listing.labels, listing.classes, listing.source)
+    opened = {}
+    for split, listing in listings.items():
+        if not listing.names:
+            raise DataError(f"{spec}: no images in the {split} split")
+        members = _ZipMembers(listing.path) if listing.is_zip else _Folder(listing.path)
+        opened[split] = ImageFiles(
+            members, listing.names, listing.labels, listing.classes, listing.source
+        )
+    return opened
 
 
 def shard_files(spec: str, split: str = "train") -> set[Path]:
@@ -429,13 +450,17 @@ def open_photos(
     spec: str, val_split: int, augment: Augment, workers: int = 0, decode_eval: bool = True
 ) -> PhotoData:
     """The training photos and the held-out split: val_split of them, else ROOT/val or test."""
-    files = open_image_files(spec, "train")
+    # One listing for both splits: walking a folder of a million photos takes a while.
+    opened = open_image_splits(spec, ["train"] if val_split else None)
+    if "train" not in opened:
+        raise DataError(f"{spec}: image folder with no train split (found: {', '.join(opened)})")
+    files = opened["train"]
     if val_split:
         train_index, val_index = split_train_val(len(files), val_split)
         held, split = files.subset(val_index), "val"
         files = files.subset(train_index)
-    elif "test" in stream_splits(spec):
-        held, split = open_image_files(spec, "test", files.classes), "test"
+    elif "test" in opened:
+        held, split = opened["test"], "test"
     else:
         return PhotoData(files, None, None, None)
     # Centre views (Sec. 3.4's single-view test), decoded once: a held-out set is evaluated
