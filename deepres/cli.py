@@ -485,7 +485,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--iters",
         type=int,
         help="iterations, milestones scaled with them (default: the recipe's full budget: "
-        "64,000 for CIFAR's, hours on a CPU; ImageNet's 450,360, whatever the data's size; "
+        "64,000 for CIFAR's, hours on a CPU; ImageNet's 90 epochs of the data given; "
         "`make demo` uses 2000)",
     )
     budget.add_argument(

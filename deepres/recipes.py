@@ -27,6 +27,10 @@ class Recipe:
     warmup_until_error: float = 0.80
     augment: bool = True
     normalize: str = "pixel"
+    # A budget the paper gives in epochs (ImageNet's 90): with no --iters or --epochs, a run
+    # trains this many epochs of its own data, the milestones moved in proportion. iters and
+    # milestones are the paper's, on its data.
+    epochs: int | None = None
 
     def scaled(self, iters: int) -> Recipe:
         """The same recipe over `iters` iterations, milestones moved in proportion."""
@@ -70,6 +74,7 @@ RECIPES = {
         iters=90 * IMAGENET_STEPS_PER_EPOCH,
         milestones=(30 * IMAGENET_STEPS_PER_EPOCH, 60 * IMAGENET_STEPS_PER_EPOCH),
         normalize="channel",
+        epochs=90,
     ),
 }
 

@@ -781,6 +781,9 @@ def _recipe(config: TrainConfig, n_train: int, photos: bool) -> tuple[Recipe, in
         recipe = recipe.scaled(max(1, round(config.epochs * steps_per_epoch)))
     elif config.iters is not None:
         recipe = recipe.scaled(config.iters)
+    elif recipe.epochs is not None:
+        # 90 epochs of ImageNet are 450,360 iterations; of 10,000 photos, 3,510.
+        recipe = recipe.scaled(max(1, recipe.epochs * steps_per_epoch))
     return recipe, steps_per_epoch
 
 

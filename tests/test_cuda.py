@@ -122,3 +122,17 @@ def test_a_graphed_run_on_a_second_gpu_after_one_on_the_first_trains_there(tiny_
     a, b = weights(tmp_path / "eager1"), weights(tmp_path / "graphed1")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_gpu_draws_the_cpus_batches():
+    from deepres.data.loader import BatchStream, Preprocess
+
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(300) % 10
+    preprocess = Preprocess(torch.rand(1, 3, 32, 32), torch.ones(1, 1, 1))
+    cpu = BatchStream(images, labels, preprocess, 128, seed=5)
+    gpu = BatchStream(images.cuda(), labels.cuda(), preprocess.cuda(), 128, seed=5)
+    for iteration in (0, 3, 7):  # 7: the second epoch's shuffle
+        (x, y), (x_gpu, y_gpu) = cpu.batch(iteration), gpu.batch(iteration)
+        assert torch.equal(y, y_gpu.cpu())
+        torch.testing.assert_close(x, x_gpu.cpu())

@@ -2,9 +2,9 @@
 
 The whole data set lives on the training device as one uint8 tensor; a batch is gathered,
 normalised and augmented there in a few tensor operations, with no per-sample Python.
-Every random draw is derived from (seed, iteration), so a run resumed at any iteration on the
-same kind of device sees exactly the batches it would have seen had it never stopped (the crops
-and flips are drawn on the device: a CPU and a GPU draw other numbers from one seed).
+Every random draw is derived from (seed, iteration) and made on the CPU, so a run resumed at
+any iteration, on a CPU or a GPU, sees exactly the batches it would have seen had it never
+stopped (a CPU and a GPU generator draw other numbers from one seed).
 """
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ def pad_crop_flip(
     rank, world = shard
     mine = slice(rank * b, (rank + 1) * b)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b * world,), device=x.device, generator=generator)[mine]
-    dx = torch.randint(0, 2 * pad + 1, (b * world,), device=x.device, generator=generator)[mine]
-    flip = (torch.rand(b * world, device=x.device, generator=generator) < 0.5)[mine]
+    # Drawn where the generator is (the CPU, for BatchStream) and moved: three small copies a
+    # step buy the same crops on every kind of device.
+    where = generator.device
+    dy = torch.randint(0, 2 * pad + 1, (b * world,), device=where, generator=generator)[mine]
+    dx = torch.randint(0, 2 * pad + 1, (b * world,), device=where, generator=generator)[mine]
+    flip = (torch.rand(b * world, device=where, generator=generator) < 0.5)[mine]
+    dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = torch.arange(w, device=x.device).expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
@@ -124,8 +128,8 @@ class BatchStream:
         self._epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
 
-    def _generator(self, stream: int, key: int, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(
+    def _generator(self, stream: int, key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(
             (self.seed * 1_000_003 + stream * 7_919 + key) % (2**63)
         )
 
@@ -133,7 +137,7 @@ class BatchStream:
         """The augmented, normalised batch (this rank's share) of an iteration, and its labels."""
         epoch, step = divmod(iteration, self.steps_per_epoch)
         if epoch != self._epoch:
-            gen = self._generator(0, epoch, torch.device("cpu"))
+            gen = self._generator(0, epoch)
             self._order = torch.randperm(self.images.shape[0], generator=gen).to(self.images.device)
             self._epoch = epoch
         rank, world = self.shard
@@ -142,7 +146,7 @@ class BatchStream:
         index = self._order[start : start + share]
         x = self.preprocess(self.images[index])
         if self.augment:
-            x = pad_crop_flip(x, self._generator(1, iteration, x.device), shard=self.shard)
+            x = pad_crop_flip(x, self._generator(1, iteration), shard=self.shard)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[index]
