@@ -550,6 +550,31 @@ def test_a_class_named_like_a_split_is_a_class(tmp_path):
     assert available_splits(str(tmp_path / "vehicles")) == ["train"]
 
 
+def test_an_image_in_no_class_is_refused_not_left_out(tmp_path):
+    # Bus/ and Car/ are classes, Train/ holds subfolders so it is the train split: Bus/ and
+    # Car/ were left out without a word, the run trained on Train/'s years as its classes.
+    for name in ("Bus/a.png", "Car/b.png", "Train/2023/c.png", "Train/2024/d.png"):
+        _image(tmp_path / "mixed" / name, (9, 9, 9))
+    with pytest.raises(
+        DataError, match=r"mixed/Bus/a.png: in no split, .* split folders \(Train/\)"
+    ):
+        open_dataset(str(tmp_path / "mixed"))
+    _image(tmp_path / "loose" / "train" / "cats" / "a.png", (9, 9, 9))
+    _image(tmp_path / "loose" / "train" / "x.png", (9, 9, 9))
+    with pytest.raises(DataError, match=r"loose/train/x.png: an image in a split folder but in no"):
+        open_dataset(str(tmp_path / "loose"))
+    _write_classes(tmp_path / "beside")
+    _image(tmp_path / "beside" / "x.png", (9, 9, 9))
+    with pytest.raises(DataError, match=r"beside/x.png: an image beside the class folders"):
+        open_dataset(str(tmp_path / "beside"))
+    # val/ beside test/: test/ is the held-out split, and val/ is named as not read.
+    _write_classes(tmp_path / "three" / "train")
+    _image(tmp_path / "three" / "val" / "cats" / "v.png", (1, 1, 1))
+    _image(tmp_path / "three" / "test" / "cats" / "t.png", (2, 2, 2))
+    with pytest.warns(UserWarning, match=r"three/val: not read, as the test split beside it"):
+        assert open_dataset(str(tmp_path / "three"), "test").images[0, :, 0, 0].tolist() == [2] * 3
+
+
 def test_deep_image_folders_are_read_and_deeper_ones_refused(tmp_path):
     # A phone's export: class/year/month/day/trip/image, below a split and a wrapper.
     deep = tmp_path / "wrap" / "train" / "cats" / "2024" / "07" / "15" / "trip"
@@ -625,27 +650,28 @@ def test_image_folder_corrupt_file(tmp_path):
 
 
 def test_image_folder_refuses_a_broken_link(tmp_path):
-    _write_classes(tmp_path)
-    counted = len(readers.image_files(tmp_path))
-    (tmp_path / "dogs" / "gone.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    root = tmp_path / "set"
+    _write_classes(root)
+    counted = len(readers.image_files(root))
+    (root / "dogs" / "gone.jpg").symlink_to(tmp_path / "elsewhere.jpg")
     # A link to an image that exists counts as the image.
     Image.new("RGB", (8, 8)).save(tmp_path / "real.png")
-    (tmp_path / "cats" / "linked.png").symlink_to(tmp_path / "real.png")
+    (root / "cats" / "linked.png").symlink_to(tmp_path / "real.png")
     broken = r"dogs/gone.jpg: broken symbolic link \(its target .*elsewhere.jpg does not exist or"
     with pytest.raises(DataError, match=broken):
-        open_dataset(str(tmp_path))
+        open_dataset(str(root))
     with pytest.raises(DataError, match=broken):
-        readers.image_files(tmp_path)
-    (tmp_path / "dogs" / "gone.jpg").unlink()
-    (tmp_path / "dogs" / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
+        readers.image_files(root)
+    (root / "dogs" / "gone.jpg").unlink()
+    (root / "dogs" / "loop.jpg").symlink_to("loop.jpg")  # a link to itself
     with pytest.raises(DataError, match=r"dogs/loop.jpg: broken symbolic link .* or is a loop"):
-        open_dataset(str(tmp_path))
+        open_dataset(str(root))
     with pytest.raises(DataError, match=r"dogs/loop.jpg: broken symbolic link .* or is a loop"):
-        readers.image_files(tmp_path)
-    (tmp_path / "dogs" / "loop.jpg").unlink()
-    (tmp_path / "dogs" / "notes").symlink_to("notes")  # a loop, but no image: not data
-    assert len(readers.image_files(tmp_path)) == counted + 2  # the link and real.png
-    assert len(open_dataset(str(tmp_path)).labels) == counted + 1  # real.png is no class's
+        readers.image_files(root)
+    (root / "dogs" / "loop.jpg").unlink()
+    (root / "dogs" / "notes").symlink_to("notes")  # a loop, but no image: not data
+    assert len(readers.image_files(root)) == counted + 1  # the link to real.png
+    assert len(open_dataset(str(root)).labels) == counted + 1
 
 
 def test_image_files_follow_linked_folders_as_training_does_and_never_loop(tmp_path):

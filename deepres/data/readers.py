@@ -905,6 +905,24 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
             layout["train"][parts[0]].append(name)
         elif split_layout and len(parts) >= 3 and split_of(parts):
             layout[split_of(parts)][parts[1]].append(name)
+        elif split_layout and len(parts) >= 3 and split_name(parts[0]) == "val":
+            warnings.warn(
+                f"{source.where('/'.join([*root, parts[0]]))}: not read, as the test split "
+                "beside it is the held-out one",
+                stacklevel=2,
+            )
+        else:
+            # An image in no class would be left out, the set smaller than the folder shows.
+            where = source.where(name)
+            if len(parts) == 1:
+                raise DataError(f"{where}: an image beside the class folders, in no class")
+            if split_layout and split_name(parts[0]):
+                raise DataError(f"{where}: an image in a split folder but in no class folder")
+            splits = ", ".join(f"{top}/" for top in sorted(set().union(*named.values())))
+            raise DataError(
+                f"{where}: in no split, though this image folder has split folders "
+                f"({splits}); move its class into them, or rename a split folder that is a class"
+            )
     # A class folder without images would be a class no image is labelled with: refused, as
     # torchvision's ImageFolder refuses it.
     for folder in source.folders:
