@@ -86,20 +86,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         # going on on a GPU without bf16 units), and how it runs: the device, the workers, how
         # often it saves, whether it compiles (which resumes exactly).
         given = _given_flags(args.command_line)
-        keep = {"resume", "lr", "precision", "quiet", *how_keys}
+        keep = {"resume", "lr", "precision", "quiet", "data", *how_keys}
         changed = [k for k in vars(args) if k in given and k not in keep]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(
                 f"{args.resume}: --resume continues the run as it was configured; {flags} cannot"
-                " change it (only --lr, --precision, --device, --workers, --checkpoint-every,"
-                " --compile and --cuda-graph can)"
+                " change it (only --data where the data moved, --lr, --precision, --device,"
+                " --workers, --checkpoint-every, --compile and --cuda-graph can)"
             )
         config = load_config(args.resume)
         if args.lr is not None:
             config = replace(config, lr=args.lr)
         if "precision" in given:
             config = replace(config, precision=args.precision)
+        if "data" in given:  # the same data somewhere else: checked to be the same below
+            config = replace(config, data=args.data)
         config = replace(config, **how)
         summary = train(config, resume=True, progress=not args.quiet)
     else:

@@ -497,8 +497,8 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     assert main(["train", "--resume", str(run), "--epochs", "3", "--seed", "5", "--quiet"]) == 2
     assert one_line(capsys).endswith(
         f"{run}: --resume continues the run as it was configured; --epochs, --seed cannot"
-        " change it (only --lr, --precision, --device, --workers, --checkpoint-every,"
-        " --compile and --cuda-graph can)"
+        " change it (only --data where the data moved, --lr, --precision, --device,"
+        " --workers, --checkpoint-every, --compile and --cuda-graph can)"
     )
     # Given at its default value, a flag is still given: refused, not silently ignored.
     assert main(["train", "--resume", str(run), "--seed=0", "--val-split", "0"]) == 2
@@ -515,6 +515,30 @@ def test_resume_refuses_flags_that_would_change_the_run(tiny_folder, tmp_path, c
     again = ["train", "--resume", str(tmp_path / "again"), "--checkpoint-every", "1000"]
     assert main([*again, "--quiet"]) == 0
     assert saves == [12]
+
+
+def test_a_run_resumes_with_data_where_its_data_moved(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "colours"
+    shutil.copytree(tiny_folder, data)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, iters=8), stop_at=4, progress=False)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "colours: no such file or directory" in one_line(capsys)
+    assert main(["train", "--resume", str(run), "--data", str(moved), "--quiet"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data_path"] == saved["config"]["data"] == saved["resumed"][-1]["data"]
+    assert saved["data_path"] == str(moved) and saved["data_source"].startswith(str(moved))
+    whole = tmp_path / "whole"
+    train(tiny_config(moved, whole, iters=8), progress=False)
+    assert (run / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    # Other data is refused as ever.
+    run2 = tmp_path / "run2"
+    train(tiny_config(moved, run2, iters=8), stop_at=4, progress=False)
+    shutil.rmtree(moved / "test")
+    assert main(["train", "--resume", str(run2), "--data", str(moved), "--quiet"]) == 2
+    assert "not the data" in one_line(capsys)
 
 
 def test_resume_refuses_data_other_than_the_run_started_on(tiny_folder, tmp_path):

@@ -422,6 +422,7 @@ def decode_center(files: ImageFiles, augment: Augment, workers: int = 0) -> torc
     for start, got in zip(
         range(0, len(files), _DECODE_BATCH),
         _loader(_Views(files, augment), requests, workers, False),
+        strict=True,
     ):
         batch = _unpack(got)[0]
         views[start : start + len(batch)] = batch
