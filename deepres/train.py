@@ -51,7 +51,7 @@ from deepres.checkpoint import (
 from deepres.data import DataError, ImageDataset, available_splits, open_dataset
 from deepres.data.augment import Augment
 from deepres.data.loader import BatchStream, Preprocess, split_train_val
-from deepres.data.readers import absolute_data, locate_data, match_channels
+from deepres.data.readers import NAMED_DATA, absolute_data, locate_data, match_channels
 from deepres.data.stream import (
     PhotoStream,
     default_workers,
@@ -433,6 +433,11 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     # Data, by one of two paths chosen here: an ImageNet net on photos (an image folder or tar
     # shards, no --image-size) streams them through DataLoader workers; anything else is
     # decoded once and moved whole to the device.
+    if resume and config.data not in NAMED_DATA and not Path(config.data).expanduser().exists():
+        raise DataError(
+            f"{config.data}: no such file or directory, where {run} trained on it; "
+            "--resume RUN --data PATH goes on where it moved"
+        )
     streaming = (
         config.image_size is None
         and model_family(config.model) == "imagenet"

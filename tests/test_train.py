@@ -525,7 +525,10 @@ def test_a_run_resumes_with_data_where_its_data_moved(tiny_folder, tmp_path, cap
     moved = tmp_path / "moved"
     data.rename(moved)
     assert main(["train", "--resume", str(run), "--quiet"]) == 2
-    assert "colours: no such file or directory" in one_line(capsys)
+    assert one_line(capsys).endswith(
+        f"{data}: no such file or directory, where {run} trained on it; --resume RUN --data PATH"
+        " goes on where it moved"
+    )
     assert main(["train", "--resume", str(run), "--data", str(moved), "--quiet"]) == 0
     saved = json.loads((run / "config.json").read_text())
     assert saved["data_path"] == saved["config"]["data"] == saved["resumed"][-1]["data"]
