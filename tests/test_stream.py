@@ -21,6 +21,7 @@ from deepres.data.loader import Preprocess
 from deepres.data.stream import (
     _MAX_CLASSES,
     PhotoStream,
+    _ShardMembers,
     decode_center,
     fit_statistics,
     open_image_files,
@@ -62,6 +63,15 @@ def test_folder_zip_and_shards_list_the_same_photos(photo_folder, tmp_path):
     assert contents(folder) == contents(archive) == contents(shards)
     test = open_image_files(str(photo_folder), "test")
     assert len(test) == 6 and test.labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_shards_are_read_with_a_bounded_number_of_open_files(photo_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(_ShardMembers, "OPEN_AT_MOST", 3)
+    files = open_image_files(str(sharded(photo_folder, tmp_path / "shards", per_shard=1)[0].parent))
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    read = sorted((files.read(i)[0], files.labels[i]) for i in order + order)
+    assert read == sorted(contents(open_image_files(str(photo_folder))) * 2)
+    assert len(files.members._files[1]) == 3
 
 
 def test_what_streams_and_its_splits(photo_folder, tmp_path, tiny_folder):
