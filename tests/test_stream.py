@@ -23,6 +23,7 @@ from deepres.data.stream import (
     PhotoStream,
     _ShardMembers,
     decode_center,
+    default_workers,
     fit_statistics,
     open_image_files,
     open_photos,
@@ -381,3 +382,13 @@ def test_a_photo_worker_outlives_a_sigterm_by_its_grace_then_ends():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout == "alive\n" and done.returncode == -signal.SIGALRM
+
+
+def test_each_torchrun_process_takes_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers() == 1

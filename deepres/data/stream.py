@@ -61,7 +61,13 @@ STATISTICS_SAMPLE = 500
 
 def default_workers() -> int:
     """DataLoader worker processes: one per CPU core this process may use, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    # torchrun starts LOCAL_WORLD_SIZE processes on a machine, each with its own workers:
+    # each takes its share of the cores.
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        local = 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) // local))
 
 
 # ---- where the encoded images are
