@@ -550,6 +550,19 @@ def test_a_class_named_like_a_split_is_a_class(tmp_path):
     assert available_splits(str(tmp_path / "vehicles")) == ["train"]
 
 
+def test_tiff_ppm_pgm_and_jfif_photos_are_read_as_torchvision_reads_them(tmp_path):
+    # Left out without a word before: a class of TIFFs looked empty, mixed ones shrank.
+    _image(tmp_path / "scans" / "a" / "x.tif", (10, 20, 30), fmt="TIFF")
+    _image(tmp_path / "scans" / "a" / "y.tiff", (10, 20, 30), fmt="TIFF")
+    _image(tmp_path / "scans" / "b" / "z.ppm", (40, 50, 60), fmt="PPM")
+    _image(tmp_path / "scans" / "b" / "g.pgm", 70, fmt="PPM", mode="L")
+    _image(tmp_path / "scans" / "b" / "w.jfif", (40, 50, 60), fmt="JPEG")
+    dataset = open_dataset(str(tmp_path / "scans"))
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 1]
+    assert dataset.images[0, :, 0, 0].tolist() == [10, 20, 30]
+    assert dataset.images[2, :, 0, 0].tolist() == [70, 70, 70]  # b/g.pgm, gray made RGB
+
+
 def test_an_image_in_no_class_is_refused_not_left_out(tmp_path):
     # Bus/ and Car/ are classes, Train/ holds subfolders so it is the train split: Bus/ and
     # Car/ were left out without a word, the run trained on Train/'s years as its classes.

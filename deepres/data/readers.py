@@ -96,7 +96,20 @@ _EXPECTED = (
     " binary format (folder or .tar.gz), or an image folder (folder or .zip) of"
     " <class>/<image> or train|test|val/<class>/<image>"
 )
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+# torchvision's ImageFolder's, and .jfif (a JPEG under the name browsers save it with).
+_IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+}
 # Split folders of an image folder, by their names in lower case (Kaggle's sets often have
 # Training/ and Testing/); a val folder serves as the test split when there is no test one.
 _SPLIT_FOLDERS = {

@@ -47,7 +47,19 @@ from deepres.data.safe_pickle import DataError
 # WebDataset's rule: the key is the path up to the first dot of the file name, the rest the
 # extension, so `n0144/x_1.seg.png` is key `n0144/x_1`, extension `seg.png`.
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
-_IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "bmp", "gif", "webp"}
+_IMAGE_EXTENSIONS = {
+    "jpg",
+    "jpeg",
+    "jfif",
+    "png",
+    "bmp",
+    "gif",
+    "webp",
+    "tif",
+    "tiff",
+    "ppm",
+    "pgm",
+}
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}
 # Shards name classes by number and the classes are 0..the largest: a bound on the largest keeps
