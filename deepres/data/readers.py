@@ -130,8 +130,9 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Part of every cache key: raise it when decoding changes, so old entries are not reused
 # (2: 16-bit and float gray images scaled to 8 bits, no longer clipped; 3: Fashion-MNIST's
 # files named by their labels too; 4: split folders known in any case and by their long names,
-# image folders read 8 levels deep).
-_CACHE_FORMAT = 4
+# image folders read 8 levels deep; 5: .tif/.tiff/.ppm/.pgm/.jfif read, an image in no class
+# refused).
+_CACHE_FORMAT = 5
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
 # Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
