@@ -252,11 +252,22 @@ def within_chance(a: dict, b: dict, key: str) -> str:
     if abs(x - y) >= two_se:
         return ""
     return (
-        f"; within chance: {abs(x - y):.2f} points apart, where two standard errors of a "
+        f"; {CHANCE}: {abs(x - y):.2f} points apart, where two standard errors of a "
         f"difference over {n:,} images are {two_se:.2f}"
     )
 
 
+# within_chance's mark in the evidence, which verdict carries into the verdict itself.
+CHANCE = "within chance"
+
+
 def verdict(claim: str, holds: bool, evidence: str) -> dict:
-    """One of the paper's claims with what our numbers say of it."""
-    return {"claim": claim, "verdict": "yes" if holds else "no", "evidence": evidence}
+    """One of the paper's claims with what our numbers say of it: yes or no, within chance
+    where the evidence says a difference it rests on is smaller than sampling noise."""
+    said = ("yes" if holds else "no") + (f", {CHANCE}" if CHANCE in evidence else "")
+    return {"claim": claim, "verdict": said, "evidence": evidence}
+
+
+def not_judged(claim: str, why: str) -> dict:
+    """One of the paper's claims these runs cannot judge, and why."""
+    return {"claim": claim, "verdict": "not judged", "evidence": why}

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import itertools
 
-from deepres.experiments.common import Context, ensure_run, run_result, verdict, within_chance
+from deepres.experiments.common import (
+    Context,
+    ensure_run,
+    not_judged,
+    run_result,
+    verdict,
+    within_chance,
+)
 from deepres.paper import TABLE6_ERROR
 from deepres.report import beside_table6
 
@@ -50,6 +57,17 @@ def claims(runs: dict) -> list[dict]:
         note = within_chance(runs[a], runs[b], key)
         if note:
             notes.append(f"; {a} to {b}{note[1:]}")
+    untested = (
+        []
+        if held_out
+        else [
+            not_judged(
+                f"test error falls at each step of depth from {ordered[0]} to {ordered[-1]} "
+                "(Table 6 itself)",
+                "no held-out images: every training image was trained on",
+            )
+        ]
+    )
     return [
         verdict(
             # At every step, as Table 6's column does from 20 to 110 layers: not the two ends
@@ -59,4 +77,4 @@ def claims(runs: dict) -> list[dict]:
             ", ".join(f"{n} {e:.2f}%" for n, e in zip(ordered, errors, strict=True))
             + "".join(notes),
         )
-    ]
+    ] + untested
