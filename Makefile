@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 # and an unpinned resolve would fetch it. PyTorch's CPU index offers 2.13.0+cpu, which pip
 # prefers to PyPI's 2.13.0; where that index cannot be reached, pip's own sources serve (a local
 # CPU wheel on this project's machines). torch alone comes from it (--no-deps); what torch needs
-# comes from PyPI with the project. A GPU: TORCH_INDEX=https://download.pytorch.org/whl/cu128.
-TORCH ?= torch==2.13.0
+# comes from PyPI with the project. The +cpu label never matches a CUDA wheel, whatever index
+# answers. A GPU: TORCH=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+TORCH ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint setup fashion-mnist campaign restore land progress photos transfer
@@ -15,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-deps --retries 1 \
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-deps --retries 1 --timeout 15 \
 	  --extra-index-url "$(TORCH_INDEX)" "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
