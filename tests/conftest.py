@@ -1,5 +1,8 @@
 import io
+import os
 import re
+import signal
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -14,6 +17,27 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_JPEGS = SHARED_DATA / "cifar10-jpeg-train.zip"
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def run_torchrun(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A torchrun command line, its output captured; on timeout its whole process group is
+    killed: workers stuck on each other would otherwise hold the pipes open for the hour
+    their collectives wait."""
+    child = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s:\n{err}")
+    return subprocess.CompletedProcess(args, child.returncode, out, err)
 
 
 @pytest.fixture(autouse=True)

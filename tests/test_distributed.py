@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_config
+from conftest import run_torchrun, tiny_config
 from safetensors.torch import load_file
 
 import deepres
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.skipif(
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     """`deepres` under torchrun with two CPU processes, one thread each."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    return subprocess.run(
-        [*command, "2", "-m", "deepres.cli", *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return run_torchrun(
+        [*command, "2", "-m", "deepres.cli", *args], {**os.environ, "OMP_NUM_THREADS": "1"}
     )
 
 
@@ -125,12 +121,9 @@ def ranks_weights(tiny_folder, out, mode: str) -> list[dict]:
     script = out / "ranks.py"
     script.write_text(RANK_WEIGHTS_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    done = subprocess.run(
+    done = run_torchrun(
         [*command, "2", str(script), str(tiny_folder), str(out), mode],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+        {**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr
     return [load_file(out / f"rank{r}.safetensors") for r in range(2)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import patch_zip_headers, sharded, write_photos, write_shard
+from conftest import patch_zip_headers, run_torchrun, sharded, write_photos, write_shard
 from PIL import Image
 
 from deepres.data import DataError
@@ -343,12 +343,9 @@ def test_two_processes_under_torchrun_split_each_epoch(photo_folder, tmp_path):
     path = os.environ.get("PYTHONPATH", "")
     script.write_text(DDP_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    done = subprocess.run(
+    done = run_torchrun(
         [*command, "2", str(script), str(photo_folder), str(tmp_path)],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + path},
-        capture_output=True,
-        text=True,
-        timeout=120,
+        {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + path},
     )
     assert done.returncode == 0, done.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
