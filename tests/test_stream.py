@@ -168,6 +168,12 @@ def test_a_compressed_shard_is_refused_with_the_reason(tmp_path):
         out.addfile(info, io.BytesIO(b"0"))
     with pytest.raises(DataError, match="not an uncompressed tar"):
         open_image_files(str(packed))
+    # A folder of them too: it was taken for no data at all.
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    packed.rename(folder / "train-000.tar.gz")
+    with pytest.raises(DataError, match="train-000.tar.gz: not an uncompressed tar"):
+        open_image_files(str(folder))
 
 
 def test_the_shuffle_is_a_function_of_seed_and_epoch(photo_folder):

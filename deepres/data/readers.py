@@ -145,7 +145,7 @@ class TooLarge(DataError):
     def __init__(self, sizes: str, detail: str):
         super().__init__(
             f"{sizes}, decoded whole, {detail}: --image-size S decodes them at SxS (32 for a "
-            "CIFAR net), or an ImageNet net streams them"
+            "CIFAR net), or an ImageNet net streams them from a folder, a .zip or tar shards"
         )
         self.sizes = sizes
 

@@ -273,18 +273,24 @@ def _shard_layout(spec: str) -> dict[str, list[Path]] | None:
         return {"train": [path]} if _is_shard(path) else None
     if not path.is_dir():
         return None
-    top = sorted(path.glob("*.tar"))
+    top = _tars(path)
     if top and _is_shard(top[0]):
         return {"train": top}
     layout = {}
     for split, folders in _SPLIT_FOLDERS.items():
         for folder in folders:
-            found = sorted((path / folder).glob("*.tar"))
+            found = _tars(path / folder)
             if found and split not in layout:
                 layout[split] = found
     if not layout.get("train") or not _is_shard(layout["train"][0]):
         return None
     return layout
+
+
+def _tars(folder: Path) -> list[Path]:
+    # Compressed ones too, so that they are refused with the reason (no offsets to seek to),
+    # not taken for a folder of no data.
+    return sorted(p for pattern in ("*.tar", "*.tar.gz", "*.tgz") for p in folder.glob(pattern))
 
 
 def _is_shard(path: Path, look_at: int = 16) -> bool:
