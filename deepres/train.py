@@ -575,7 +575,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
             _truncate_metrics(run / METRICS, state["iteration"])
             _record_lr(run, config, state["iteration"])
             _record_precision(run, config.precision, state["iteration"])
-            _record_resume(run, state["iteration"], device, config.data, source)
+            _record_resume(run, state["iteration"], device, config, source)
     else:
         state = {
             "iteration": 0,
@@ -1184,16 +1184,20 @@ def _record_precision(run: Path, precision: str, iteration: int) -> None:
     write_json(run / CONFIG, saved)
 
 
-def _record_resume(run: Path, iteration: int, device: torch.device, data: str, source: str) -> None:
-    # A run may go on on another machine, device, torch or code: config.json keeps where each
-    # stretch after the first trained, so its numbers can say so.
+def _record_resume(
+    run: Path, iteration: int, device: torch.device, config: TrainConfig, source: str
+) -> None:
+    # A run may go on on another machine, device, torch or code, compiled or not: config.json
+    # keeps how each stretch after the first trained, so its numbers can say so.
     saved = read_json(run / CONFIG)
+    data = config.data
     entry = {
         "iteration": iteration,
         "device": _device_name(device),
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
+        "compile": config.compile,
     }
     if saved.get("data_path") and absolute_data(data) != saved["data_path"]:
         # Resumed with --data where the data moved: later resumes, eval and publish look there.

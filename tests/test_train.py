@@ -485,6 +485,7 @@ def test_a_copied_run_resumes_where_it_is_and_leaves_the_original(tiny_folder, t
     before = files(original)
     assert main(["train", "--resume", str(copy), "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["run"] == str(copy)
+    assert json.loads((copy / "config.json").read_text())["resumed"][-1]["compile"] is False
     assert json.loads((copy / "summary.json").read_text())["iteration"] == 8
     assert [m["iteration"] for m in read_metrics(copy)] == [2, 4, 6, 8]
     assert files(original) == before
