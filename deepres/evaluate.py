@@ -152,7 +152,12 @@ def _protocol_probabilities(
     else:
         x = _as_input(resize_shorter(image, protocol.resize), preprocess, device)[0]
         crop = protocol.crop
-        views = center_crop(x, crop)[None] if protocol.name == "center" else ten_crop(x, crop)
+        if protocol.name == "center":
+            views = center_crop(x, crop)[None]
+        else:
+            # AlexNet's ten views (the paper's [21]): the corners and centre of the central
+            # resize x resize square, as AlexNet's 256x256 images were; not of the whole photo.
+            views = ten_crop(center_crop(x, protocol.resize), crop)
         result = model(views).float().softmax(1).mean(0)
     return result
 

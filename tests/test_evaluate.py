@@ -74,6 +74,20 @@ def softmax(values):
     return [e / sum(exps) for e in exps]
 
 
+def test_ten_crop_cuts_its_corners_from_the_central_square_as_alexnet_did():
+    # 4 rows, 8 columns; channel 0 holds the column. AlexNet's views come from the central 4x4
+    # square (columns 2-5): its corners start at columns 2 and 4, not at 0 and 6.
+    pixels = np.zeros((4, 8, 3), np.uint8)
+    pixels[:, :, 0] = np.arange(8)
+    probe = Recorder()
+    protocol_probabilities(
+        probe, Image.fromarray(pixels), identity_preprocess(), Protocol("10crop", 4, 2)
+    )
+    (views,) = probe.seen
+    assert views[:5, 0, 0, 0].tolist() == [2, 4, 2, 4, 3]  # the corners, then the centre
+    assert views[5:, 0, 0, 0].tolist() == [3, 5, 3, 5, 4]  # their flips start one column on
+
+
 def test_ten_crop_averages_the_softmax_of_corners_centre_and_flips_by_hand():
     # Channel 0 holds 4i + j at row i, column j; scaled by 1/4 it reads i + j/4.
     pixels = np.zeros((4, 4, 3), np.uint8)
