@@ -179,6 +179,9 @@ progress: setup
 # tested with the three protocols. Small-data numbers; the JSON lands in docs/results.
 PHOTOS ?= ../shared/data/hymenoptera.zip
 PHOTO_EPOCHS ?= 30
+# fp32 on every CPU: --precision auto would train in bf16 where the CPU has bf16 units, another
+# experiment than the one docs/results/photos-scratch records.
+PHOTO_PRECISION ?= fp32
 photos: setup
 	@mkdir -p docs/results/photos-scratch
 	@for m in resnet18 plain18; do \
@@ -186,7 +189,7 @@ photos: setup
 	  if [ -f $$run/summary.json ]; then :; \
 	  elif [ -f $$run/checkpoint.safetensors ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
 	  else rm -rf $$run; $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
-	    --checkpoint-every 50 --out $$run --quiet || exit 1; fi; \
+	    --precision $(PHOTO_PRECISION) --checkpoint-every 50 --out $$run --quiet || exit 1; fi; \
 	  mkdir -p docs/results/photos-scratch/$$m; \
 	  cp $$run/config.json $$run/summary.json $$run/metrics.jsonl $$run/curves.png docs/results/photos-scratch/$$m/ || exit 1; \
 	  for p in center 10crop multiscale; do \

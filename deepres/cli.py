@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if "data" in given:  # the same data somewhere else: checked to be the same below
             config = replace(config, data=args.data)
         config = replace(config, **how)
-        summary = train(config, resume=True, progress=not args.quiet)
+        summary = train(config, resume=True, progress=not args.quiet, data_moved="data" in given)
     else:
         if not (args.model and args.data and args.out):
             raise ValueError("--model, --data and --out are required (or --resume RUN)")

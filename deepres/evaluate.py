@@ -157,7 +157,11 @@ def _protocol_probabilities(
         else:
             # AlexNet's ten views (the paper's [21]): the corners and centre of the central
             # resize x resize square, as AlexNet's 256x256 images were; not of the whole photo.
-            views = ten_crop(center_crop(x, protocol.resize), crop)
+            # Where the views are as large as that square (a CIFAR net's 32 of 32), the corners
+            # are the whole resized photo's, or all ten would be the centre.
+            if protocol.resize > crop:
+                x = center_crop(x, protocol.resize)
+            views = ten_crop(x, crop)
         result = model(views).float().softmax(1).mean(0)
     return result
 

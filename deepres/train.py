@@ -59,7 +59,7 @@ from deepres.data.stream import (
     open_photos,
     statistics_from,
     statistics_tensors,
-    stream_kind,
+    streamable_splits,
 )
 from deepres.evaluate import MAX_SIDE, error_rates, predict_logits
 from deepres.finetune import check_init, freeze_backbone, init_source, load_backbone, read_init
@@ -244,9 +244,16 @@ def build_model(saved: dict) -> torch.nn.Module:
 
 
 def train(
-    config: TrainConfig, resume: bool = False, stop_at: int | None = None, progress: bool = True
+    config: TrainConfig,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    data_moved: bool = False,
 ) -> dict:
     """Train (or resume) a run; stop_at ends the session early at that iteration, resumably.
+
+    data_moved: a resumed run's config.data is where its data is now (--resume RUN --data),
+    recorded as the run's from here on.
 
     Returns the run's summary. A session ended by stop_at or by SIGINT/SIGTERM (checkpointed
     first) returns too, with "finished" false: a caller checks it before using the net, as
@@ -272,7 +279,7 @@ def train(
     try:
         # Holds what the session must let go of however it ends: the run directory's lock.
         with ExitStack() as held, torch.random.fork_rng(devices=devices):
-            return _train(config, resume, stop_at, progress, device, held)
+            return _train(config, resume, stop_at, progress, device, held, data_moved)
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
@@ -288,8 +295,9 @@ def _train(
     progress: bool,
     device: torch.device,
     held: ExitStack,
+    data_moved: bool = False,
 ) -> dict:
-    s = _setup(config, resume, device, held)
+    s = _setup(config, resume, device, held, data_moved)
     recipe = s.recipe
     # A saved window holds the sums over all ranks: rank 0 carries them on.
     window = _Window(s.state["window"] if s.main else [0.0, 0.0, 0], s.device)
@@ -398,7 +406,13 @@ class _Session:
         return self.seconds_before + time.perf_counter() - self.t_session
 
 
-def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitStack) -> _Session:
+def _setup(
+    config: TrainConfig,
+    resume: bool,
+    device: torch.device,
+    held: ExitStack,
+    data_moved: bool = False,
+) -> _Session:
     rank, world_size = distributed.world()
     main = rank == 0
     run = Path(config.out)
@@ -434,21 +448,25 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
     # shards, no --image-size) streams them through DataLoader workers; anything else is
     # decoded once and moved whole to the device.
     if resume and config.data not in NAMED_DATA and not Path(config.data).expanduser().exists():
-        raise DataError(
-            f"{config.data}: no such file or directory, where {run} trained on it; "
-            "--resume RUN --data PATH goes on where it moved"
+        where = (
+            ""
+            if data_moved
+            else f", where {run} trained on it; --resume RUN --data PATH goes on where it moved"
         )
-    streaming = (
-        config.image_size is None
-        and model_family(config.model) == "imagenet"
-        and stream_kind(config.data) is not None
-    )
+        raise DataError(f"{config.data}: no such file or directory{where}")
+    # Listed once, here: a folder of a million photos takes a while to walk.
+    opened = None
+    if config.image_size is None and model_family(config.model) == "imagenet":
+        opened = streamable_splits(config.data, ["train"] if config.val_split else None)
+    streaming = opened is not None
     augment = None
     if streaming:
         sizes = {"sizes": tuple(config.scale)} if config.scale else {}
         augment = Augment.scaled(config.augment, config.crop_size, **sizes)
         workers = default_workers() if config.workers is None else config.workers
-        photos = open_photos(config.data, config.val_split, augment, workers, decode_eval=main)
+        photos = open_photos(
+            config.data, config.val_split, augment, workers, decode_eval=main, opened=opened
+        )
         eval_split, eval_images, eval_labels = (
             photos.eval_split,
             photos.eval_images,
@@ -575,7 +593,7 @@ def _setup(config: TrainConfig, resume: bool, device: torch.device, held: ExitSt
             _truncate_metrics(run / METRICS, state["iteration"])
             _record_lr(run, config, state["iteration"])
             _record_precision(run, config.precision, state["iteration"])
-            _record_resume(run, state["iteration"], device, config, source)
+            _record_resume(run, state["iteration"], device, config, source, data_moved)
     else:
         state = {
             "iteration": 0,
@@ -1185,7 +1203,12 @@ def _record_precision(run: Path, precision: str, iteration: int) -> None:
 
 
 def _record_resume(
-    run: Path, iteration: int, device: torch.device, config: TrainConfig, source: str
+    run: Path,
+    iteration: int,
+    device: torch.device,
+    config: TrainConfig,
+    source: str,
+    data_moved: bool,
 ) -> None:
     # A run may go on on another machine, device, torch or code, compiled or not: config.json
     # keeps how each stretch after the first trained, so its numbers can say so.
@@ -1199,8 +1222,10 @@ def _record_resume(
         "git_dirty": git_dirty(),
         "compile": config.compile,
     }
-    if saved.get("data_path") and absolute_data(data) != saved["data_path"]:
+    if data_moved and absolute_data(data) != saved.get("data_path"):
         # Resumed with --data where the data moved: later resumes, eval and publish look there.
+        # (A caller that gives the data each time, as reproduce does on a GPU machine, leaves
+        # the run's own place as it was.)
         entry["data"] = absolute_data(data)
         saved["config"]["data"], saved["data_path"] = data, absolute_data(data)
         saved["data_source"] = source

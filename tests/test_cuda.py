@@ -1,5 +1,6 @@
 """The CUDA path: a step replayed as a CUDA graph trains as the step launched kernel by kernel."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -131,7 +132,8 @@ def test_the_gpu_draws_the_cpus_batches():
     labels = torch.arange(300) % 10
     preprocess = Preprocess(torch.rand(1, 3, 32, 32), torch.ones(1, 1, 1))
     cpu = BatchStream(images, labels, preprocess, 128, seed=5)
-    gpu = BatchStream(images.cuda(), labels.cuda(), preprocess.cuda(), 128, seed=5)
+    # A copy: Module.cuda() moves the module itself, the CPU stream's included.
+    gpu = BatchStream(images.cuda(), labels.cuda(), copy.deepcopy(preprocess).cuda(), 128, seed=5)
     for iteration in (0, 3, 7):  # 7: the second epoch's shuffle
         (x, y), (x_gpu, y_gpu) = cpu.batch(iteration), gpu.batch(iteration)
         assert torch.equal(y, y_gpu.cpu())

@@ -580,12 +580,25 @@ def test_an_image_in_no_class_is_refused_not_left_out(tmp_path):
     _image(tmp_path / "beside" / "x.png", (9, 9, 9))
     with pytest.raises(DataError, match=r"beside/x.png: an image beside the class folders"):
         open_dataset(str(tmp_path / "beside"))
+    # A deepres run saved inside the data is neither a class nor a stray image.
+    _write_classes(tmp_path / "with-run")
+    run = tmp_path / "with-run" / "run"
+    _image(run / "curves.png", (9, 9, 9))
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    assert open_dataset(str(tmp_path / "with-run")).classes == ["cats", "dogs"]
     # val/ beside test/: test/ is the held-out split, and val/ is named as not read.
     _write_classes(tmp_path / "three" / "train")
     _image(tmp_path / "three" / "val" / "cats" / "v.png", (1, 1, 1))
     _image(tmp_path / "three" / "test" / "cats" / "t.png", (2, 2, 2))
     with pytest.warns(UserWarning, match=r"three/val: not read, as the test split beside it"):
         assert open_dataset(str(tmp_path / "three"), "test").images[0, :, 0, 0].tolist() == [2] * 3
+    # Kaggle's layout: a test/ of unlabelled images beside train/<class>/: named, not read.
+    _write_classes(tmp_path / "kaggle" / "train")
+    _image(tmp_path / "kaggle" / "test" / "1.png", (3, 3, 3))
+    with pytest.warns(UserWarning, match=r"kaggle/test: not read: a split folder of images in no"):
+        assert len(open_dataset(str(tmp_path / "kaggle")).labels) == 4
+    assert available_splits(str(tmp_path / "kaggle")) == ["train"]
 
 
 def test_deep_image_folders_are_read_and_deeper_ones_refused(tmp_path):

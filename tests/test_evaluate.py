@@ -86,6 +86,12 @@ def test_ten_crop_cuts_its_corners_from_the_central_square_as_alexnet_did():
     (views,) = probe.seen
     assert views[:5, 0, 0, 0].tolist() == [2, 4, 2, 4, 3]  # the corners, then the centre
     assert views[5:, 0, 0, 0].tolist() == [3, 5, 3, 5, 4]  # their flips start one column on
+    # Views as large as the square (a CIFAR net's): the whole photo's corners, not ten centres.
+    probe = Recorder()
+    protocol_probabilities(
+        probe, Image.fromarray(pixels), identity_preprocess(), Protocol("10crop", 4, 4)
+    )
+    assert probe.seen[0][:5, 0, 0, 0].tolist() == [0, 4, 0, 4, 2]
 
 
 def test_ten_crop_averages_the_softmax_of_corners_centre_and_flips_by_hand():

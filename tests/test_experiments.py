@@ -346,6 +346,8 @@ def test_degradation_claims_are_judged_the_paper_s_way_round():
         ("resnet56 trains to a lower training error than resnet20", "yes"),
         ("resnet56 reaches a lower test error than resnet20 (Fig. 6's bold curves)", "not judged"),
     ]
+    mixed = degradation.claims(fake_runs(resnet20=(2, 8), resnet56=(1, None)))
+    assert mixed[-1]["evidence"] == "not every run has a held-out error"
     big = fake_runs(resnet110=(0.1, 6.4), resnet1202=(0.1, 7.9))
     assert verdicts(degradation.claims(big))[-1] == (
         "resnet1202 has a higher val error than resnet110 (it overfits)",
@@ -424,6 +426,11 @@ def test_training_error_verdicts_say_when_a_difference_is_within_chance():
         "resnet20 1.50%, resnet32 0.40%, resnet44 0.36%; resnet32 to resnet44 within chance: "
         "0.04 points apart, where two standard errors of a difference over 64,000 images are 0.07"
     )
+    # A no says within chance only where the step that breaks the trend is within it.
+    runs["resnet56"] = {**runs["resnet44"], "train_error": 0.90}
+    assert table6.claims(runs)[0]["verdict"] == "no"
+    runs["resnet56"]["train_error"] = 0.38
+    assert table6.claims(runs)[0]["verdict"] == "no, within chance"
     twins = fake_runs(plain20=(2.51, None), resnet20=(2.49, None))
     for r in twins.values():
         r["train_images"] = 64_000

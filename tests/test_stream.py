@@ -174,6 +174,12 @@ def test_a_compressed_shard_is_refused_with_the_reason(tmp_path):
     packed.rename(folder / "train-000.tar.gz")
     with pytest.raises(DataError, match="train-000.tar.gz: not an uncompressed tar"):
         open_image_files(str(folder))
+    # A stray compressed archive beside plain shards, or beside photos, is no shard.
+    write_shard(folder / "train-001.tar", [("b", b"\xff\xd8", b"1")])
+    assert len(open_image_files(str(folder))) == 1
+    write_photos(tmp_path / "photos", per_class=2)
+    (tmp_path / "photos" / "backup.tgz").write_bytes(b"\x1f\x8b\x08")  # cut short
+    assert len(open_image_files(str(tmp_path / "photos"))) == 4
 
 
 def test_the_shuffle_is_a_function_of_seed_and_epoch(photo_folder):

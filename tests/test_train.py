@@ -537,6 +537,18 @@ def test_a_run_resumes_with_data_where_its_data_moved(tiny_folder, tmp_path, cap
     whole = tmp_path / "whole"
     train(tiny_config(moved, whole, iters=8), progress=False)
     assert (run / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(run), "--data", str(tmp_path / "typo"), "--quiet"]) == 2
+    assert one_line(capsys).endswith(f"{tmp_path / 'typo'}: no such file or directory")
+    # A caller that gives the data on each resume (reproduce, a GPU machine's copy) leaves the
+    # run's own place as it was.
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(moved, elsewhere)
+    run3 = tmp_path / "run3"
+    train(tiny_config(moved, run3, iters=8), stop_at=4, progress=False)
+    train(replace(load_config(run3), data=str(elsewhere)), resume=True, progress=False)
+    saved = json.loads((run3 / "config.json").read_text())
+    assert saved["data_path"] == saved["config"]["data"] == str(moved)
+    assert "data" not in saved["resumed"][-1]
     # Other data is refused as ever.
     run2 = tmp_path / "run2"
     train(tiny_config(moved, run2, iters=8), stop_at=4, progress=False)

@@ -18,7 +18,7 @@ from PIL import Image
 import deepres
 from deepres.checkpoint import checkpoint_state, load_tensors
 from deepres.cli import main
-from deepres.data import DataError
+from deepres.data import DataError, readers
 from deepres.evaluate import center_crop, evaluate_run, resize_shorter
 from deepres.report import read_metrics
 from deepres.train import TrainConfig, load_config, train
@@ -38,9 +38,14 @@ def photo_config(folder, out, **kw) -> TrainConfig:
     return tiny_config(folder, out, **{**base, **kw})
 
 
-def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(photo_folder, tmp_path):
+def test_an_imagenet_net_on_photos_streams_them_with_the_imagenet_recipe(
+    photo_folder, tmp_path, monkeypatch
+):
+    walks, walk = [], readers._walk
+    monkeypatch.setattr(readers, "_walk", lambda *args: walks.append(args) or walk(*args))
     summary = train(photo_config(photo_folder, tmp_path / "run"), progress=False)
     assert summary["finished"] and summary["eval_split"] == "test"
+    assert len(walks) == 1  # the folder listed once, both splits from it
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["recipe"]["name"] == "imagenet" and config["normalize"] == "channel"
     assert config["recipe"]["milestones"] == [2, 4]  # epochs 30 and 60 of 90, scaled to 6

@@ -73,13 +73,19 @@ def pad_crop_flip(
     rank, world = shard
     mine = slice(rank * b, (rank + 1) * b)
     padded = F.pad(x, (pad, pad, pad, pad))
-    # Drawn where the generator is (the CPU, for BatchStream) and moved: three small copies a
-    # step buy the same crops on every kind of device.
+    # Drawn where the generator is (the CPU, for BatchStream) and moved: one small copy a step
+    # buys the same crops on every kind of device. From pinned memory, so that the copy does
+    # not wait for the GPU's work queued before it.
     where = generator.device
     dy = torch.randint(0, 2 * pad + 1, (b * world,), device=where, generator=generator)[mine]
     dx = torch.randint(0, 2 * pad + 1, (b * world,), device=where, generator=generator)[mine]
-    flip = (torch.rand(b * world, device=where, generator=generator) < 0.5)[mine]
-    dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
+    flip = torch.rand(b * world, device=where, generator=generator)[mine] < 0.5
+    if where != x.device:
+        draws = torch.stack([dy, dx, flip.long()])
+        if x.device.type == "cuda":
+            draws = draws.pin_memory()
+        dy, dx, flip = draws.to(x.device, non_blocking=True).unbind()
+        flip = flip.bool()
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = torch.arange(w, device=x.device).expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]

@@ -883,6 +883,15 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     ):
         root.append(images[0][1][0])
         images = [(name, parts[1:]) for name, parts in images]
+    # A deepres run directory inside the data (its curves.png) is no class and no stray image.
+    present = set(source.names)
+    runs = {
+        parts[0]
+        for _, parts in images
+        if len(parts) >= 2
+        and {"/".join([*root, parts[0], f]) for f in ("config.json", "metrics.jsonl")} <= present
+    }
+    images = [(name, parts) for name, parts in images if parts[0] not in runs]
     # A folder with images of its own and no subfolders of them is a class, whatever its name
     # (Bus/, Car/, Train/).
     own_images = {parts[0] for _, parts in images if len(parts) == 2} - {
@@ -914,17 +923,17 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
         return split
 
     layout: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    unread: dict[str, str] = {}
     for name, parts in images:
         if not split_layout and len(parts) >= 2:
             layout["train"][parts[0]].append(name)
         elif split_layout and len(parts) >= 3 and split_of(parts):
             layout[split_of(parts)][parts[1]].append(name)
         elif split_layout and len(parts) >= 3 and split_name(parts[0]) == "val":
-            warnings.warn(
-                f"{source.where('/'.join([*root, parts[0]]))}: not read, as the test split "
-                "beside it is the held-out one",
-                stacklevel=2,
-            )
+            unread[parts[0]] = "not read, as the test split beside it is the held-out one"
+        elif split_layout and parts[0] in own_images and parts[0].lower() in _SPLIT_FOLDERS:
+            # Kaggle's layout: train/<class>/ beside a test/ of unlabelled images.
+            unread[parts[0]] = "not read: a split folder of images in no class folder (unlabelled)"
         else:
             # An image in no class would be left out, the set smaller than the folder shows.
             where = source.where(name)
@@ -937,6 +946,8 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
                 f"{where}: in no split, though this image folder has split folders "
                 f"({splits}); move its class into them, or rename a split folder that is a class"
             )
+    for top, why in unread.items():
+        warnings.warn(f"{source.where('/'.join([*root, top]))}: {why}", stacklevel=1)
     # A class folder without images would be a class no image is labelled with: refused, as
     # torchvision's ImageFolder refuses it.
     for folder in source.folders:
@@ -944,6 +955,8 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
         if parts[: len(root)] != root:
             continue
         parts = parts[len(root) :]
+        if parts and parts[0] in runs:
+            continue
         if not split_layout and len(parts) == 1:
             split, name = "train", parts[0]
         elif split_layout and len(parts) == 2 and split_of(parts):

@@ -233,6 +233,19 @@ def open_image_splits(
     Shards name their classes by number: a held-out split takes classes, else the training
     split's where that is listed too.
     """
+    opened = streamable_splits(spec, splits, classes)
+    if opened is None:
+        raise DataError(
+            f"{spec}: the streaming path reads image folders (a folder or .zip of"
+            " <class>/<image> or train|val/<class>/<image>) or WebDataset tar shards"
+        )
+    return opened
+
+
+def streamable_splits(
+    spec: str, splits: list[str] | None = None, classes: list[str] | None = None
+) -> dict[str, ImageFiles] | None:
+    """open_image_splits where the photos at spec can stream; None where they cannot."""
     shards = _shard_layout(spec)
     if shards is not None:
         opened: dict[str, ImageFiles] = {}
@@ -243,12 +256,12 @@ def open_image_splits(
             known = classes or (opened["train"].classes if "train" in opened else None)
             opened[split] = _index_shards(shards[split], split, known)
         return opened
+    path = Path(spec).expanduser()
+    if not (path.is_dir() or zipfile.is_zipfile(path)):
+        return None
     listings = list_image_folders(spec, splits)
     if listings is None:
-        raise DataError(
-            f"{spec}: the streaming path reads image folders (a folder or .zip of"
-            " <class>/<image> or train|val/<class>/<image>) or WebDataset tar shards"
-        )
+        return None
     opened = {}
     for split, listing in listings.items():
         if not listing.names:
@@ -288,9 +301,17 @@ def _shard_layout(spec: str) -> dict[str, list[Path]] | None:
 
 
 def _tars(folder: Path) -> list[Path]:
-    # Compressed ones too, so that they are refused with the reason (no offsets to seek to),
-    # not taken for a folder of no data.
-    return sorted(p for pattern in ("*.tar", "*.tar.gz", "*.tgz") for p in folder.glob(pattern))
+    plain = sorted(folder.glob("*.tar"))
+    if plain:
+        return plain
+    # Compressed shards where there are no others, so that they are refused with the reason
+    # (no offsets to seek to), not taken for a folder of no data; a stray backup.tar.gz
+    # beside shards or photos is no shard.
+    packed = sorted(p for pattern in ("*.tar.gz", "*.tgz") for p in folder.glob(pattern))
+    try:
+        return packed if packed and _is_shard(packed[0]) else []
+    except DataError:
+        return []
 
 
 def _is_shard(path: Path, look_at: int = 16) -> bool:
@@ -489,11 +510,20 @@ class PhotoData:
 
 
 def open_photos(
-    spec: str, val_split: int, augment: Augment, workers: int = 0, decode_eval: bool = True
+    spec: str,
+    val_split: int,
+    augment: Augment,
+    workers: int = 0,
+    decode_eval: bool = True,
+    opened: dict[str, ImageFiles] | None = None,
 ) -> PhotoData:
-    """The training photos and the held-out split: val_split of them, else ROOT/val or test."""
+    """The training photos and the held-out split: val_split of them, else ROOT/val or test.
+
+    opened: the splits as streamable_splits listed them, where the caller has them already.
+    """
     # One listing for both splits: walking a folder of a million photos takes a while.
-    opened = open_image_splits(spec, ["train"] if val_split else None)
+    if opened is None:
+        opened = open_image_splits(spec, ["train"] if val_split else None)
     if "train" not in opened:
         raise DataError(f"{spec}: image folder with no train split (found: {', '.join(opened)})")
     files = opened["train"]

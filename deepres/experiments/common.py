@@ -261,13 +261,22 @@ def within_chance(a: dict, b: dict, key: str) -> str:
 CHANCE = "within chance"
 
 
-def verdict(claim: str, holds: bool, evidence: str) -> dict:
+def verdict(claim: str, holds: bool, evidence: str, chance: bool | None = None) -> dict:
     """One of the paper's claims with what our numbers say of it: yes or no, within chance
-    where the evidence says a difference it rests on is smaller than sampling noise."""
-    said = ("yes" if holds else "no") + (f", {CHANCE}" if CHANCE in evidence else "")
+    where a difference it rests on is smaller than sampling noise (chance; by default, where
+    the evidence of a single comparison says so)."""
+    chance = CHANCE in evidence if chance is None else chance
+    said = ("yes" if holds else "no") + (f", {CHANCE}" if chance else "")
     return {"claim": claim, "verdict": said, "evidence": evidence}
 
 
 def not_judged(claim: str, why: str) -> dict:
     """One of the paper's claims these runs cannot judge, and why."""
     return {"claim": claim, "verdict": "not judged", "evidence": why}
+
+
+def no_held_out(runs: list[dict]) -> str:
+    """Why a claim on held-out error is not judged on these runs."""
+    if all(r["test_error"] is None for r in runs):
+        return "no held-out images: every training image was trained on"
+    return "not every run has a held-out error"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from deepres.experiments.common import (
     Context,
     ensure_run,
+    no_held_out,
     not_judged,
     run_result,
     verdict,
@@ -80,7 +81,7 @@ def claims(runs: dict) -> list[dict]:
                 not_judged(
                     f"{resnets[-1]} reaches a lower test error than {resnets[0]} (Fig. 6's "
                     "bold curves)",
-                    "no held-out images: every training image was trained on",
+                    no_held_out([deep, shallow]),
                 )
             )
     for p in plain:
@@ -98,8 +99,7 @@ def claims(runs: dict) -> list[dict]:
         big, small = runs["resnet1202"], runs["resnet110"]
         claim = "resnet1202 has a higher {} error than resnet110 (it overfits)"
         if big["test_error"] is None or small["test_error"] is None:
-            why = "no held-out images: every training image was trained on"
-            out.append(not_judged(claim.format("test"), why))
+            out.append(not_judged(claim.format("test"), no_held_out([big, small])))
         else:
             out.append(
                 verdict(
