@@ -255,7 +255,8 @@ def test_shortcuts_without_held_out_images_judge_training_errors(tiny_folder, tm
     assert all(r["test_error"] is None for r in result["runs"].values())
     assert len(result["claims"]) == 2
     for claim in result["claims"]:
-        assert "(training error)" in claim["claim"] and claim["verdict"] in ("yes", "no")
+        assert "(training error)" in claim["claim"]
+        assert claim["verdict"] in ("yes", "no", "yes, within chance", "no, within chance")
     with pytest.raises(ValueError, match="plain20: a plain net has no shortcuts"):
         reproduce("shortcuts", str(tiny_folder / "train"), "smoke", models=["plain20"], **args)
 
