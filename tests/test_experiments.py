@@ -391,8 +391,14 @@ def test_table6_responses_and_shortcut_claims_are_judged_the_paper_s_way_round()
     assert [v for _, v in verdicts(responses.claims(stds))] == ["yes", "yes"]
     stds["resnet56"] = [0.95, 0.95]  # mean 0.95 above resnet20's 0.85
     assert verdicts(responses.claims(stds))[-1] == (
-        "the deeper ResNet responds more weakly: resnet56 below resnet20",
+        "the deeper ResNet responds more weakly at each step from resnet20 to resnet56",
         "no",
+    )
+    # The ends alone would say yes; a net in the middle above its shallower neighbour says no.
+    stds = {"resnet20": [0.8], "resnet32": [0.9], "resnet56": [0.5]}
+    assert responses.claims(stds)[-1]["verdict"] == "no"
+    assert (
+        responses.claims(stds)[-1]["evidence"] == "resnet20 0.800, resnet32 0.900, resnet56 0.500"
     )
     runs = fake_runs(resnet20=(3, 9.0), resnet20_B=(3, 8.5), resnet20_C=(3, 8.6))
     assert [v for _, v in verdicts(shortcuts.claims(runs, ["resnet20"]))] == ["yes", "no"]
