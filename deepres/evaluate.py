@@ -157,8 +157,9 @@ def _protocol_probabilities(
         else:
             # AlexNet's ten views (the paper's [21]): the corners and centre of the central
             # resize x resize square, as AlexNet's 256x256 images were; not of the whole photo.
-            # Where the views are as large as that square (a CIFAR net's 32 of 32), the corners
-            # are the whole resized photo's, or all ten would be the centre.
+            # Where the views are as large as that square (a CIFAR net's 32 crop of a photo
+            # resized to 32 on its shorter side), a photo that is not square keeps the corners
+            # of the whole resized photo, or all ten would be its centre.
             if protocol.resize > crop:
                 x = center_crop(x, protocol.resize)
             views = ten_crop(x, crop)

@@ -587,6 +587,10 @@ def test_an_image_in_no_class_is_refused_not_left_out(tmp_path):
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")
     assert open_dataset(str(tmp_path / "with-run")).classes == ["cats", "dogs"]
+    # Deeper, beside a wrapping folder (runs/r1/), as well: the wrapper is still descended.
+    _write_classes(tmp_path / "wrapped" / "data" / "train")
+    shutil.copytree(run, tmp_path / "wrapped" / "runs" / "r1")
+    assert open_dataset(str(tmp_path / "wrapped")).classes == ["cats", "dogs"]
     # val/ beside test/: test/ is the held-out split, and val/ is named as not read.
     _write_classes(tmp_path / "three" / "train")
     _image(tmp_path / "three" / "val" / "cats" / "v.png", (1, 1, 1))

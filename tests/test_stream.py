@@ -66,6 +66,11 @@ def test_folder_zip_and_shards_list_the_same_photos(photo_folder, tmp_path):
     assert len(test) == 6 and test.labels == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_streamed_path_that_is_not_there_is_said_to_be_missing(tmp_path):
+    with pytest.raises(DataError, match="gone: no such file or directory"):
+        open_image_files(str(tmp_path / "gone"))
+
+
 def test_shards_are_read_with_a_bounded_number_of_open_files(photo_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(_ShardMembers, "OPEN_AT_MOST", 3)
     files = open_image_files(str(sharded(photo_folder, tmp_path / "shards", per_shard=1)[0].parent))
@@ -174,8 +179,12 @@ def test_a_compressed_shard_is_refused_with_the_reason(tmp_path):
     packed.rename(folder / "train-000.tar.gz")
     with pytest.raises(DataError, match="train-000.tar.gz: not an uncompressed tar"):
         open_image_files(str(folder))
-    # A stray compressed archive beside plain shards, or beside photos, is no shard.
+    # A compressed shard beside plain ones is refused as well, not left out.
     write_shard(folder / "train-001.tar", [("b", b"\xff\xd8", b"1")])
+    with pytest.raises(DataError, match="train-000.tar.gz: not an uncompressed tar"):
+        open_image_files(str(folder))
+    # A compressed archive that is no shard, beside shards or photos, is not data.
+    (folder / "train-000.tar.gz").write_bytes(b"\x1f\x8b\x08")  # cut short
     assert len(open_image_files(str(folder))) == 1
     write_photos(tmp_path / "photos", per_class=2)
     (tmp_path / "photos" / "backup.tgz").write_bytes(b"\x1f\x8b\x08")  # cut short

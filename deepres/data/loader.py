@@ -82,9 +82,9 @@ def pad_crop_flip(
     flip = torch.rand(b * world, device=where, generator=generator)[mine] < 0.5
     if where != x.device:
         draws = torch.stack([dy, dx, flip.long()])
-        if x.device.type == "cuda":
+        if where.type == "cpu" and x.device.type == "cuda":
             draws = draws.pin_memory()
-        dy, dx, flip = draws.to(x.device, non_blocking=True).unbind()
+        dy, dx, flip = draws.to(x.device, non_blocking=draws.is_pinned()).unbind()
         flip = flip.bool()
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = torch.arange(w, device=x.device).expand(b, w)

@@ -131,7 +131,7 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # (2: 16-bit and float gray images scaled to 8 bits, no longer clipped; 3: Fashion-MNIST's
 # files named by their labels too; 4: split folders known in any case and by their long names,
 # image folders read 8 levels deep; 5: .tif/.tiff/.ppm/.pgm/.jfif read, an image in no class
-# refused).
+# refused, unlabelled split folders and deepres runs inside the data not read).
 _CACHE_FORMAT = 5
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
@@ -865,13 +865,40 @@ def _text_lines(data: bytes, where: str) -> list[str]:
 
 def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     """Image names by split, then by class folder, for <class>/ and <split>/<class>/ layouts."""
+    # Worked out once per opened source (its splits, then each split, ask for it), and its
+    # warnings said once.
+    layout = getattr(source, "_image_layout", None)
+    if layout is None:
+        layout = source._image_layout = _image_layout(source)
+    return layout
+
+
+def _run_folders(names: list[str]) -> set[str]:
+    """The deepres run directories among a source's folders (config.json beside metrics.jsonl)."""
+    holds: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        folder, _, file = name.rpartition("/")
+        if file in ("config.json", "metrics.jsonl") and folder:
+            holds[folder].add(file)
+    return {folder for folder, files in holds.items() if len(files) == 2}
+
+
+def _image_layout(source: _Source) -> dict[str, dict[str, list[str]]]:
     cut = getattr(source, "cut", [])
     if cut:
         raise DataError(
             f"{source.where(cut[0])}: a folder {_MAX_DEPTH} levels down, deeper than deepres "
             "reads an image folder; move the images in it up"
         )
-    images = [(name, name.split("/")) for name in source.names if _is_image(name)]
+    # A deepres run saved inside the data (its curves.png) holds no data, wherever it lies.
+    runs = _run_folders(source.names)
+
+    def in_run(name: str) -> bool:
+        return any(name.startswith(run + "/") or name == run for run in runs)
+
+    images = [
+        (name, name.split("/")) for name in source.names if _is_image(name) and not in_run(name)
+    ]
     # Descend through single wrapping folders ("hymenoptera_data/train/ants/x.jpg"), but never
     # through a split folder or into a class folder.
     root: list[str] = []
@@ -883,15 +910,6 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     ):
         root.append(images[0][1][0])
         images = [(name, parts[1:]) for name, parts in images]
-    # A deepres run directory inside the data (its curves.png) is no class and no stray image.
-    present = set(source.names)
-    runs = {
-        parts[0]
-        for _, parts in images
-        if len(parts) >= 2
-        and {"/".join([*root, parts[0], f]) for f in ("config.json", "metrics.jsonl")} <= present
-    }
-    images = [(name, parts) for name, parts in images if parts[0] not in runs]
     # A folder with images of its own and no subfolders of them is a class, whatever its name
     # (Bus/, Car/, Train/).
     own_images = {parts[0] for _, parts in images if len(parts) == 2} - {
@@ -955,8 +973,8 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
         if parts[: len(root)] != root:
             continue
         parts = parts[len(root) :]
-        if parts and parts[0] in runs:
-            continue
+        if in_run(folder) or any(run.startswith(folder + "/") for run in runs):
+            continue  # a run, in one, or a folder of runs
         if not split_layout and len(parts) == 1:
             split, name = "train", parts[0]
         elif split_layout and len(parts) == 2 and split_of(parts):

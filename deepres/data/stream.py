@@ -235,6 +235,7 @@ def open_image_splits(
     """
     opened = streamable_splits(spec, splits, classes)
     if opened is None:
+        available_splits(spec)  # a path that is not there, or a damaged archive: said as such
         raise DataError(
             f"{spec}: the streaming path reads image folders (a folder or .zip of"
             " <class>/<image> or train|val/<class>/<image>) or WebDataset tar shards"
@@ -301,17 +302,17 @@ def _shard_layout(spec: str) -> dict[str, list[Path]] | None:
 
 
 def _tars(folder: Path) -> list[Path]:
-    plain = sorted(folder.glob("*.tar"))
-    if plain:
-        return plain
-    # Compressed shards where there are no others, so that they are refused with the reason
-    # (no offsets to seek to), not taken for a folder of no data; a stray backup.tar.gz
-    # beside shards or photos is no shard.
-    packed = sorted(p for pattern in ("*.tar.gz", "*.tgz") for p in folder.glob(pattern))
-    try:
-        return packed if packed and _is_shard(packed[0]) else []
-    except DataError:
-        return []
+    # Compressed shards are listed too, so that they are refused with the reason (no offsets
+    # to seek to) rather than left out or taken for a folder of no data; a compressed archive
+    # that is no shard (a backup.tar.gz beside the photos, one cut short) is not data.
+    def is_shard(path: Path) -> bool:
+        try:
+            return _is_shard(path)
+        except DataError:
+            return False
+
+    packed = [p for pattern in ("*.tar.gz", "*.tgz") for p in folder.glob(pattern) if is_shard(p)]
+    return sorted([*folder.glob("*.tar"), *packed])
 
 
 def _is_shard(path: Path, look_at: int = 16) -> bool:
