@@ -92,6 +92,7 @@ OMP_WAIT ?= PASSIVE
 # CAMPAIGN_COMPILE=--compile compiles (never on a GPU: --compile turns off the CUDA graphs).
 CAMPAIGN_COMPILE ?=
 campaign: restore
+	@test -f $(CIFAR10) || { echo "campaign: $(CIFAR10) not found (CIFAR10=PATH names the zip)"; exit 2; }
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@test $(LANES) -ge 1 2>/dev/null || { echo "campaign: LANES=$(LANES): a number of lanes, 1 or more"; exit 2; }; \
 	todo=0; for m in $(CAMPAIGN_NETS); do test -f $(CAMPAIGN_RUNS)/$$m/summary.json || todo=$$((todo + 1)); done; \
@@ -137,6 +138,7 @@ restore: setup
 # all (.part until done) so that a stopped unzip is not taken for the 10,000.
 EVAL10K ?= runs/cifar10-train-first10k
 land: restore
+	@test -f $(CIFAR10) || { echo "land: $(CIFAR10) not found (CIFAR10=PATH names the zip)"; exit 2; }
 	@for m in $(CAMPAIGN_NETS); do \
 	  test -f $(CAMPAIGN_RECORDS)/$$m/summary.json || continue; \
 	  test -f $(CAMPAIGN_RUNS)/$$m/summary.json || { \
@@ -183,6 +185,7 @@ PHOTO_EPOCHS ?= 30
 # experiment than the one docs/results/photos-scratch records.
 PHOTO_PRECISION ?= fp32
 photos: setup
+	@test -f $(PHOTOS) || { echo "photos: $(PHOTOS) not found (PHOTOS=PATH names the zip)"; exit 2; }
 	@mkdir -p docs/results/photos-scratch
 	@for m in resnet18 plain18; do \
 	  run=runs/photos-scratch/$$m; \
@@ -203,6 +206,7 @@ photos: setup
 TRANSFER_SEEDS ?= 0 1 2
 TRANSFER_OUT ?= docs/results/transfer-32px
 transfer: setup
+	@test -f $(PHOTOS) || { echo "transfer: $(PHOTOS) not found (PHOTOS=PATH names the zip)"; exit 2; }
 	@mkdir -p $(TRANSFER_OUT)
 	@for v in scratch finetune fc; do for s in $(TRANSFER_SEEDS); do \
 	  run=runs/transfer-32px/$$v-seed$$s; \
