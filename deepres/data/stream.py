@@ -214,8 +214,8 @@ def stream_splits(spec: str) -> list[str]:
         return [split for split in ("train", "test") if shards.get(split)]
     # Only a split that is not there is left out: one that is there but wrong (a class the
     # training split lacks) is refused, not trained beside without a held-out split.
-    present = available_splits(spec)
-    return [s for s in ("train", "test") if s in present and list_image_folder(spec, s) is not None]
+    listings = list_image_folders(spec) or {}
+    return [s for s in ("train", "test") if s in listings]
 
 
 def open_image_files(
