@@ -238,6 +238,7 @@ def _loop_state(path: Path, state: object) -> dict:
         and isinstance(state.get("warming_up"), bool)
         and isinstance(state.get("window"), list)
         and len(state["window"]) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in state["window"])
     )
     if not ok:
         raise ValueError(f"{path}: its loop state (iteration, seconds, window) is damaged")
@@ -293,7 +294,9 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict for ResNet:".
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        first = lines[1] if len(lines) > 1 else lines[0]
         raise ValueError(f"{path}: does not match the net of {CONFIG} ({first})") from None
     params = dict(model.named_parameters())
     for key, value in tensors.items():

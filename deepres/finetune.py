@@ -82,7 +82,10 @@ def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         except (SafetensorError, ValueError) as err:
             raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
         if source is not None:
-            meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+            try:
+                meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+            except (ValueError, AttributeError) as err:
+                raise ValueError(f"{file}: its metadata is damaged ({err})") from None
             record["iteration"] = trained_iteration(source, meta)
         return weights, record
     return _state_dict(file, data), record

@@ -163,7 +163,9 @@ def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classif
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict for ResNet:".
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        first = lines[1] if len(lines) > 1 else lines[0]
         raise ValueError(f"{run / WEIGHTS}: does not match {run / CONFIG} ({first})") from None
     augment = saved.get("augment")
     resize = round(augment["crop"] * CENTER_RESIZE) if augment else None

@@ -47,10 +47,25 @@ PREDICTS = ("model", "model_options", "classes", "input_size", "augment")
 RECORD = (CONFIG, METRICS, SUMMARY)
 
 
+# What every reader of a manifest entry takes from it.
+_ENTRY_KEYS = ("model", "sha256", "iterations", "train_error", "precision")
+
+
 def manifest(root: Path | None = None) -> dict[str, dict]:
     """The shipped nets by name, with where each came from."""
     path = Path(root or SHIPPED) / MANIFEST
-    return read_json(path)["nets"] if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    # A git-tracked file: a merge conflict or a hand edit could damage it.
+    nets = read_json(path)
+    nets = nets.get("nets") if isinstance(nets, dict) else None
+    if not isinstance(nets, dict):
+        raise ValueError(f'{path}: damaged (no "nets" table of shipped nets)')
+    for name, entry in nets.items():
+        missing = [k for k in _ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise ValueError(f"{path}: the entry of {name} is damaged (no {', '.join(missing)})")
+    return nets
 
 
 def sha256(path: Path) -> str:

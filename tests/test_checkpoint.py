@@ -160,7 +160,9 @@ def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_
     assert checkpoint_state(tmp_path) == {"format": FORMAT, **state}
     assert load_checkpoint(tmp_path, model, optimizer) == state
     path = tmp_path / CHECKPOINT
-    for damaged in ({**state, "iteration": "4"}, {**state, "window": [1]}, {"iteration": 4}):
+    damages = [{**state, "iteration": "4"}, {**state, "window": [1]}, {"iteration": 4}]
+    damages.append({**state, "window": [0.0, "x", 0]})  # went on to a TypeError traceback
+    for damaged in damages:
         save_checkpoint(tmp_path, model, optimizer, damaged)
         for read in (
             lambda: checkpoint_state(tmp_path),
@@ -175,6 +177,12 @@ def test_a_checkpoint_with_damaged_loop_state_or_optimizer_entries_is_named(tmp_
     tensors["optim/gone/momentum_buffer"] = torch.zeros(2)
     save_tensors(path, tensors, {**meta, **state})
     with pytest.raises(ValueError, match="optim/gone/momentum_buffer belongs to no parameter"):
+        load_checkpoint(tmp_path, model, optimizer)
+    # Weights of another net: the cause named, not torch's first line alone.
+    other = {**tensors, "model/weight": torch.zeros(5, 3)}
+    other.pop("optim/gone/momentum_buffer")
+    save_tensors(path, other, {**meta, **state})
+    with pytest.raises(ValueError, match=r"does not match the net of .*\(size mismatch for weight"):
         load_checkpoint(tmp_path, model, optimizer)
     # A checkpoint without a parameter's momentum would resume a different run.
     del tensors["optim/gone/momentum_buffer"], tensors["optim/bias/momentum_buffer"]

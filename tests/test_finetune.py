@@ -329,3 +329,25 @@ def test_cli_train_stride_in_builds_v1_5_bottlenecks(tiny_folder, tmp_path, caps
     assert len(err) == 1 and "pass --stride-in 3x3" in err[0] and hub in err[0]
     assert main([*v1, "--stride-in", "3x3", "--out", str(tmp_path / "v15-init")]) == 0
     assert capsys.readouterr().err.strip() == ""
+
+
+def test_an_init_run_with_damaged_weights_metadata_is_named(tmp_path):
+    import shutil
+
+    import safetensors.torch
+
+    from deepres.finetune import read_init
+    from deepres.pretrained import SHIPPED
+
+    run = tmp_path / "net"
+    shutil.copytree(SHIPPED / "resnet20-cifar10", run)
+    tensors, _ = load_tensors(run / WEIGHTS)
+    safetensors.torch.save_file(tensors, run / WEIGHTS, metadata={"json": "{not json"})
+    with pytest.raises(ValueError, match=f"{run / WEIGHTS}: its metadata is damaged"):
+        read_init(run)
+    # Weights of another shape than config.json's net: the cause named, not torch's first line.
+    import deepres
+
+    safetensors.torch.save_file({**tensors, "fc.weight": torch.zeros(3, 64)}, run / WEIGHTS)
+    with pytest.raises(ValueError, match=r"does not match .*config.json \(size mismatch for fc"):
+        deepres.load(run)

@@ -620,3 +620,17 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_a_damaged_manifest_is_named_in_one_line(shipped, capsys):
+    shipped.mkdir()
+    path = shipped / "manifest.json"
+    for text, why in (
+        ("[]", 'damaged \\(no "nets" table'),
+        ('{"nets": {"x": {"model": "resnet20"}}}', "the entry of x is damaged \\(no sha256,"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path}: {why}"):
+            manifest(shipped)
+        assert main(["predict", "x", "photo.png"]) == 2
+        assert f"{path}: " in capsys.readouterr().err
