@@ -367,6 +367,14 @@ def restore(record: Path, out: Path, name: str | None = None, root: Path | None 
         raise ValueError(f"{record}: no shipped net was trained by this record ({what})")
     name = name or ours[0]
     shipped = _verified(name, nets[name], root)
+    # The shipped weights go beside the record's config.json: its classes, input and
+    # preprocessing must be those the net was shipped with, or the run would mislabel.
+    expected = nets[name].get("predicts_sha256")
+    if expected and predicts_sha256(record) != expected:
+        raise ValueError(
+            f"{record / CONFIG}: its classes, input or preprocessing are not those {name} was "
+            "shipped with"
+        )
     fingerprint = read_config(shipped).get("data_sha256")
 
     def write(folder: Path) -> None:

@@ -509,6 +509,13 @@ def test_a_net_stored_in_bf16_is_restored_with_its_bf16_weights(finished_run, tm
     original, _ = load_tensors(finished_run / WEIGHTS)
     assert weights["fc.weight"].dtype == torch.bfloat16
     assert torch.equal(weights["fc.weight"], original["fc.weight"].bfloat16())
+    # A record whose classes were reordered would restore a run that mislabels: refused.
+    saved = json.loads((tmp_path / "rec" / "config.json").read_text())
+    saved["classes"] = saved["classes"][::-1]
+    (tmp_path / "rec" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="config.json: its classes, input or preprocessing are"):
+        restore(tmp_path / "rec", tmp_path / "again", root=shipped)
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_folder_is_swapped_in_whole_or_left_as_it_was(tmp_path, monkeypatch):
