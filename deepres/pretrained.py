@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from deepres.checkpoint import (
     CONFIG,
     PREPROCESS,
@@ -109,6 +111,20 @@ def _verified(name: str, entry: dict, root: Path | None) -> Path:
     return shipped_dir
 
 
+def _check_loads(run: Path, saved: dict) -> None:
+    """Refuse to ship a run whose net does not load and predict as its files describe it."""
+    # Imported here: inference finds shipped nets through this module.
+    from deepres.inference import load
+
+    classifier = load(run)  # the weights against the net of config.json, named if they differ
+    try:
+        classifier(torch.zeros(1, *saved["input_size"], dtype=torch.uint8))
+    except RuntimeError as err:
+        raise ValueError(
+            f"{run / PREPROCESS}: does not fit the net's input {saved['input_size']} ({err})"
+        ) from None
+
+
 def predicts_sha256(run: Path) -> str:
     """The sha256 of the parts of a run's config.json that shape its predictions (PREDICTS)."""
     saved = read_config(run)
@@ -178,6 +194,7 @@ def publish(
             name = f"{name}-{trained[3]}"
             if name in nets:
                 raise ValueError(f"{name}: shipped already, from another run")
+    _check_loads(run, saved)
     weights, _ = load_tensors(run / WEIGHTS)
     fp32_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if bf16 is None:

@@ -641,3 +641,19 @@ def test_a_damaged_manifest_is_named_in_one_line(shipped, capsys):
             manifest(shipped)
         assert main(["predict", "x", "photo.png"]) == 2
         assert f"{path}: " in capsys.readouterr().err
+
+
+def test_a_run_whose_files_do_not_make_one_net_is_not_published(finished_run, shipped, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    tensors, meta = load_tensors(run / "preprocess.safetensors")
+    save_tensors(run / "preprocess.safetensors", {**tensors, "mean": torch.zeros(3, 5, 5)}, meta)
+    with pytest.raises(ValueError, match="preprocess.safetensors: does not fit the net's input"):
+        publish(run, "tiny", "c", root=shipped)
+    assert manifest(shipped) == {}
+    weights, meta = load_tensors(finished_run / WEIGHTS)
+    save_tensors(run / WEIGHTS, {**weights, "fc.weight": torch.zeros(7, 1)}, meta)
+    with pytest.raises(ValueError, match="model.safetensors: does not match"):
+        publish(run, "tiny", "c", root=shipped)
