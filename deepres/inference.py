@@ -15,6 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deepres.checkpoint import (
     CONFIG,
+    PREPROCESS,
     WEIGHTS,
     load_preprocess,
     load_tensors,
@@ -158,7 +159,10 @@ def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classif
     """
     run = resolve_run(run)
     saved = read_config(run)
-    model = create_model(saved["model"], **saved["model_options"])
+    try:
+        model = create_model(saved["model"], **saved["model_options"])
+    except (TypeError, ValueError) as err:  # a width saved as "16", say
+        raise ValueError(f"{run / CONFIG}: its net's settings are damaged ({err})") from None
     weights, meta = load_tensors(run / WEIGHTS)
     try:
         model.load_state_dict(weights, strict=True)
@@ -170,6 +174,13 @@ def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classif
     augment = saved.get("augment")
     resize = round(augment["crop"] * CENTER_RESIZE) if augment else None
     preprocess = Preprocess(*load_preprocess(run))
+    try:
+        torch.broadcast_shapes(preprocess.mean.shape, preprocess.std.shape, saved["input_size"])
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{run / PREPROCESS}: its mean and std do not fit the input {saved['input_size']}"
+            f" of {run / CONFIG}"
+        ) from None
     iteration = trained_iteration(run, meta)
     if iteration is None:  # a net shipped before its weights carried the iteration
         iteration = shipped_iterations(run)

@@ -650,10 +650,16 @@ def test_a_run_whose_files_do_not_make_one_net_is_not_published(finished_run, sh
     shutil.copytree(finished_run, run)
     tensors, meta = load_tensors(run / "preprocess.safetensors")
     save_tensors(run / "preprocess.safetensors", {**tensors, "mean": torch.zeros(3, 5, 5)}, meta)
-    with pytest.raises(ValueError, match="preprocess.safetensors: does not fit the net's input"):
+    with pytest.raises(ValueError, match="preprocess.safetensors: its mean and std do not fit"):
         publish(run, "tiny", "c", root=shipped)
     assert manifest(shipped) == {}
     weights, meta = load_tensors(finished_run / WEIGHTS)
     save_tensors(run / WEIGHTS, {**weights, "fc.weight": torch.zeros(7, 1)}, meta)
     with pytest.raises(ValueError, match="model.safetensors: does not match"):
+        publish(run, "tiny", "c", root=shipped)
+    # A setting of the wrong type in config.json: named, not a TypeError from deep in torch.
+    saved = json.loads((run / "config.json").read_text())
+    saved["model_options"]["width"] = "4"
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="config.json: its net's settings are damaged"):
         publish(run, "tiny", "c", root=shipped)
