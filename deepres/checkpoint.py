@@ -66,9 +66,21 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def usual_mode(path: Path, mode: int) -> None:
     """Give a file or folder made private (mkstemp, mkdtemp) the mode the umask allows."""
-    umask = os.umask(0)
+    os.chmod(path, mode & ~_umask())
+
+
+def _umask() -> int:
+    # Read, not set and set back: os.umask(0) would leave, for that moment, every file another
+    # thread (a DataLoader's pin-memory thread, a caller's) creates open to all.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # elsewhere: the brief value is the private one, never the open one
     os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    return umask
 
 
 def _fsync(path: Path) -> None:

@@ -207,3 +207,16 @@ def test_resumed_momentum_is_laid_out_as_its_parameter(tiny_folder, tmp_path):
         optimizer.state[p]["momentum_buffer"].stride() == p.stride() for p in convs
     )
     assert any(p.stride() != p.contiguous().stride() for p in convs)
+
+
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    from deepres import checkpoint
+
+    set_to = []
+    umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or umask(mask))
+    before = umask(0o022)
+    try:
+        assert checkpoint._umask() == 0o022 and set_to == []
+    finally:
+        umask(before)
