@@ -36,6 +36,12 @@ class _Deployed(nn.Module):
 def export_onnx(run: str | Path, path: str | Path) -> Path:
     """Write a run's net as ONNX: uint8 images in, probabilities out, class names in metadata."""
     run, path = Path(run), Path(path)
+    # Before the export's minute of work: a folder that is not there, or a file that is not an
+    # ONNX model (a run's model.safetensors, mistyped for --onnx), would be lost or replaced.
+    if not path.parent.is_dir():
+        raise OSError(f"{path}: cannot write (no folder {path.parent})")
+    if path.is_file() and path.suffix != ".onnx":
+        raise ValueError(f"{path}: exists and is not an .onnx file; give a new path for --onnx")
     classifier = load(run)
     deployed = _Deployed(classifier.model, classifier.preprocess).eval()
     # Two images, not one: torch.export specialises a dimension traced at size 1.

@@ -102,3 +102,11 @@ def test_an_exporter_failure_is_one_line_naming_the_run(tiny_folder, tmp_path, m
     why = "ONNX export failed (TypeError: cannot trace this op)"
     assert err == [f"deepres export: error: {run}: {why}"]
     assert not (tmp_path / "m.onnx").exists()
+    # Checked before the export's work: a run's own weights mistyped for --onnx, or no folder.
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported"))
+    before = (run / "model.safetensors").read_bytes()
+    assert main(["export", str(run), "--onnx", str(run / "model.safetensors")]) == 2
+    assert "model.safetensors: exists and is not an .onnx file" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before
+    assert main(["export", str(run), "--onnx", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "m.onnx: cannot write (no folder" in capsys.readouterr().err
