@@ -89,6 +89,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     eval_every: int | None = None
+    # Iterations a log record sums over; also the window whose training error ends a warm-up
+    # (below 80%): the paper's "about 400 iterations" were judged over 50 here.
     log_every: int = 50
     deterministic: bool = False
     device: str = "auto"
