@@ -189,6 +189,8 @@ photos: setup
 	@mkdir -p docs/results/photos-scratch
 	@for m in resnet18 plain18; do \
 	  run=runs/photos-scratch/$$m; \
+	  if [ -f $$run/config.json ] && ! grep -q '"precision": "$(PHOTO_PRECISION)"' $$run/config.json; then \
+	    echo "photos: $$run trained in another precision than PHOTO_PRECISION=$(PHOTO_PRECISION); move it away to train anew"; exit 1; fi; \
 	  if [ -f $$run/summary.json ]; then :; \
 	  elif [ -f $$run/checkpoint.safetensors ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
 	  else rm -rf $$run; $(VENV)/bin/deepres train --model $$m --data $(PHOTOS) --epochs $(PHOTO_EPOCHS) --batch-size 32 \
