@@ -92,7 +92,7 @@ OMP_WAIT ?= PASSIVE
 # CAMPAIGN_COMPILE=--compile compiles (never on a GPU: --compile turns off the CUDA graphs).
 CAMPAIGN_COMPILE ?=
 campaign: restore
-	@test -f $(CIFAR10) || { echo "campaign: $(CIFAR10) not found (CIFAR10=PATH names the zip)"; exit 2; }
+	@test -e $(CIFAR10) || { echo "campaign: $(CIFAR10) not found (CIFAR10=PATH names the data)"; exit 2; }
 	@mkdir -p $(CAMPAIGN_RUNS)/.locks $(CAMPAIGN_LOGS)
 	@test $(LANES) -ge 1 2>/dev/null || { echo "campaign: LANES=$(LANES): a number of lanes, 1 or more"; exit 2; }; \
 	todo=0; for m in $(CAMPAIGN_NETS); do test -f $(CAMPAIGN_RUNS)/$$m/summary.json || todo=$$((todo + 1)); done; \
@@ -185,11 +185,12 @@ PHOTO_EPOCHS ?= 30
 # experiment than the one docs/results/photos-scratch records.
 PHOTO_PRECISION ?= fp32
 photos: setup
-	@test -f $(PHOTOS) || { echo "photos: $(PHOTOS) not found (PHOTOS=PATH names the zip)"; exit 2; }
+	@test -e $(PHOTOS) || { echo "photos: $(PHOTOS) not found (PHOTOS=PATH names the data)"; exit 2; }
 	@mkdir -p docs/results/photos-scratch
 	@for m in resnet18 plain18; do \
 	  run=runs/photos-scratch/$$m; \
-	  if [ -f $$run/config.json ] && ! grep -q '"precision": "$(PHOTO_PRECISION)"' $$run/config.json; then \
+	  if [ "$(PHOTO_PRECISION)" != auto ] && [ -f $$run/summary.json -o -f $$run/checkpoint.safetensors ] && \
+	    [ "$$($(PY) -c "import json, sys; print(json.load(open(sys.argv[1]))['config'].get('precision'))" $$run/config.json)" != "$(PHOTO_PRECISION)" ]; then \
 	    echo "photos: $$run trained in another precision than PHOTO_PRECISION=$(PHOTO_PRECISION); move it away to train anew"; exit 1; fi; \
 	  if [ -f $$run/summary.json ]; then :; \
 	  elif [ -f $$run/checkpoint.safetensors ]; then $(VENV)/bin/deepres train --resume $$run --quiet || exit 1; \
@@ -208,7 +209,7 @@ photos: setup
 TRANSFER_SEEDS ?= 0 1 2
 TRANSFER_OUT ?= docs/results/transfer-32px
 transfer: setup
-	@test -f $(PHOTOS) || { echo "transfer: $(PHOTOS) not found (PHOTOS=PATH names the zip)"; exit 2; }
+	@test -e $(PHOTOS) || { echo "transfer: $(PHOTOS) not found (PHOTOS=PATH names the data)"; exit 2; }
 	@mkdir -p $(TRANSFER_OUT)
 	@for v in scratch finetune fc; do for s in $(TRANSFER_SEEDS); do \
 	  run=runs/transfer-32px/$$v-seed$$s; \

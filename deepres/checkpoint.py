@@ -308,7 +308,7 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
     except RuntimeError as err:
         # torch's first line only says "Error(s) in loading state_dict for ResNet:".
         lines = [line.strip() for line in str(err).strip().splitlines()]
-        first = lines[1] if len(lines) > 1 else lines[0]
+        first = (lines[1] if len(lines) > 1 else lines[0])[:200]  # a key list can run long
         raise ValueError(f"{path}: does not match the net of {CONFIG} ({first})") from None
     params = dict(model.named_parameters())
     for key, value in tensors.items():

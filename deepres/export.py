@@ -40,7 +40,7 @@ def export_onnx(run: str | Path, path: str | Path) -> Path:
     # ONNX model (a run's model.safetensors, mistyped for --onnx), would be lost or replaced.
     if not path.parent.is_dir():
         raise OSError(f"{path}: cannot write (no folder {path.parent})")
-    if path.is_file() and path.suffix != ".onnx":
+    if path.is_file() and path.suffix.lower() != ".onnx":
         raise ValueError(f"{path}: exists and is not an .onnx file; give a new path for --onnx")
     classifier = load(run)
     deployed = _Deployed(classifier.model, classifier.preprocess).eval()

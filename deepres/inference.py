@@ -169,13 +169,17 @@ def load(run: str | Path, fold_bn: bool = False, device: str = "cpu") -> Classif
     except RuntimeError as err:
         # torch's first line only says "Error(s) in loading state_dict for ResNet:".
         lines = [line.strip() for line in str(err).strip().splitlines()]
-        first = lines[1] if len(lines) > 1 else lines[0]
+        first = (lines[1] if len(lines) > 1 else lines[0])[:200]
         raise ValueError(f"{run / WEIGHTS}: does not match {run / CONFIG} ({first})") from None
     augment = saved.get("augment")
     resize = round(augment["crop"] * CENTER_RESIZE) if augment else None
     preprocess = Preprocess(*load_preprocess(run))
     try:
-        torch.broadcast_shapes(preprocess.mean.shape, preprocess.std.shape, saved["input_size"])
+        shape = torch.broadcast_shapes(
+            preprocess.mean.shape, preprocess.std.shape, saved["input_size"]
+        )
+        if shape != torch.Size(saved["input_size"]):
+            raise RuntimeError(shape)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"{run / PREPROCESS}: its mean and std do not fit the input {saved['input_size']}"

@@ -121,7 +121,7 @@ def _check_loads(run: Path, saved: dict) -> None:
         classifier(torch.zeros(1, *saved["input_size"], dtype=torch.uint8))
     except RuntimeError as err:
         raise ValueError(
-            f"{run / PREPROCESS}: does not fit the net's input {saved['input_size']} ({err})"
+            f"{run / CONFIG}: its net does not take its input {saved['input_size']} ({err})"
         ) from None
 
 

@@ -653,6 +653,11 @@ def test_a_run_whose_files_do_not_make_one_net_is_not_published(finished_run, sh
     with pytest.raises(ValueError, match="preprocess.safetensors: its mean and std do not fit"):
         publish(run, "tiny", "c", root=shipped)
     assert manifest(shipped) == {}
+    # Shapes that broadcast, but to more than one image's: refused as well.
+    save_tensors(run / "preprocess.safetensors", {**tensors, "mean": torch.zeros(2, 3, 1, 1)}, meta)
+    with pytest.raises(ValueError, match="preprocess.safetensors: its mean and std do not fit"):
+        publish(run, "tiny", "c", root=shipped)
+    save_tensors(run / "preprocess.safetensors", tensors, meta)
     weights, meta = load_tensors(finished_run / WEIGHTS)
     save_tensors(run / WEIGHTS, {**weights, "fc.weight": torch.zeros(7, 1)}, meta)
     with pytest.raises(ValueError, match="model.safetensors: does not match"):

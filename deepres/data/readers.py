@@ -131,8 +131,8 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # (2: 16-bit and float gray images scaled to 8 bits, no longer clipped; 3: Fashion-MNIST's
 # files named by their labels too; 4: split folders known in any case and by their long names,
 # image folders read 8 levels deep; 5: .tif/.tiff/.ppm/.pgm/.jfif read, an image in no class
-# refused, unlabelled split folders and deepres runs inside the data not read).
-_CACHE_FORMAT = 5
+# refused; 6: unlabelled split folders and deepres runs inside the data not read).
+_CACHE_FORMAT = 6
 # Names of the zip compression methods Python's zipfile cannot decompress, by header number.
 _ZIP_METHOD_NAMES = {9: "deflate64", 93: "zstandard", 95: "xz", 98: "ppmd", 99: "AES"}
 # Bytes an IDX file is read in at once: gzip's read(n) allocates all n before it reads.
@@ -869,7 +869,9 @@ def _image_folder(source: _Source) -> dict[str, dict[str, list[str]]]:
     # warnings said once.
     layout = getattr(source, "_image_layout", None)
     if layout is None:
-        layout = source._image_layout = _image_layout(source)
+        # Plain dicts: a lookup of a split it lacks must not add one to the cached layout.
+        found = _image_layout(source)
+        layout = source._image_layout = {split: dict(classes) for split, classes in found.items()}
     return layout
 
 
@@ -894,8 +896,9 @@ def _image_layout(source: _Source) -> dict[str, dict[str, list[str]]]:
     runs = _run_folders(source.names)
 
     def in_run(name: str) -> bool:
-        return any(name.startswith(run + "/") or name == run for run in runs)
+        return name in runs or any(parent in runs for parent in _parents(name))
 
+    run_parents = {parent for run in runs for parent in _parents(run + "/")}
     images = [
         (name, name.split("/")) for name in source.names if _is_image(name) and not in_run(name)
     ]
@@ -973,7 +976,7 @@ def _image_layout(source: _Source) -> dict[str, dict[str, list[str]]]:
         if parts[: len(root)] != root:
             continue
         parts = parts[len(root) :]
-        if in_run(folder) or any(run.startswith(folder + "/") for run in runs):
+        if in_run(folder) or folder in run_parents:
             continue  # a run, in one, or a folder of runs
         if not split_layout and len(parts) == 1:
             split, name = "train", parts[0]

@@ -235,7 +235,8 @@ def open_image_splits(
     """
     opened = streamable_splits(spec, splits, classes)
     if opened is None:
-        available_splits(spec)  # a path that is not there, or a damaged archive: said as such
+        if not Path(spec).expanduser().exists():
+            available_splits(spec)  # a path that is not there: said as such
         raise DataError(
             f"{spec}: the streaming path reads image folders (a folder or .zip of"
             " <class>/<image> or train|val/<class>/<image>) or WebDataset tar shards"
