@@ -359,13 +359,23 @@ def _figures(result: dict, out: Path) -> list[str]:
             bottom.plot(layers, sorted(stds, reverse=True), style, marker=".", label=name)
         top.set_xlabel("layer index (original)")
         bottom.set_xlabel("layer index (sorted by magnitude)")
+        scale = response_scale(result["responses"])
         for ax in (top, bottom):
-            ax.set_ylabel("std")
+            ax.set_yscale(scale)
+            ax.set_ylabel("std" if scale == "linear" else "std (log scale)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle("Responses of the 3x3 layers (after BN, before addition/ReLU)")
         files.append(_save(fig, out / "responses.png"))
     return files
+
+
+def response_scale(responses: dict[str, list[float]]) -> str:
+    """The y scale of Fig. 7's panels: log where one net's responses dwarf the rest."""
+    # Paper's Fig. 7 spans about 30x on a linear axis; a plain-110 whose first layers respond
+    # a thousand times more flattens every other curve to zero there.
+    stds = [s for layer_stds in responses.values() for s in layer_stds if s > 0]
+    return "log" if stds and max(stds) > 100 * min(stds) else "linear"
 
 
 def _save(fig, path: Path) -> str:

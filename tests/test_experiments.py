@@ -20,7 +20,14 @@ from deepres.experiments.responses import layer_stds, response_layers
 from deepres.models import create_model
 from deepres.paper import CIFAR10_CLASSES
 from deepres.recipes import get_recipe
-from deepres.report import final_training, final_window, paper_ylim, read_metrics, write_report
+from deepres.report import (
+    final_training,
+    final_window,
+    paper_ylim,
+    read_metrics,
+    response_scale,
+    write_report,
+)
 from deepres.train import TrainConfig, load_config, train
 
 
@@ -791,3 +798,10 @@ def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch)
     top = styles[::2]
     assert [n for n, _ in top] == ["plain20", "plain56", "resnet20", "resnet56", "resnet110"]
     assert [s for _, s in top] == ["--", "--", "-", "-", "-"]
+
+
+def test_fig7_turns_log_scale_when_one_nets_responses_dwarf_the_rest():
+    # The shipped plain-110's first layers respond with a std near 700, the ResNets' near 0.5.
+    healthy = {"plain56": [1.03, 0.28, 0.5], "resnet56": [0.9, 0.3, 0.4]}
+    assert response_scale(healthy) == "linear"
+    assert response_scale({**healthy, "plain110": [686.7, 0.41, 0.6]}) == "log"
