@@ -371,7 +371,7 @@ def _figures(result: dict, out: Path) -> list[str]:
 
 
 def response_scale(responses: dict[str, list[float]]) -> str:
-    """The y scale of Fig. 7's panels: log where one net's responses dwarf the rest."""
+    """The y scale of Fig. 7's panels: log where the responses span over 100x, linear else."""
     # Paper's Fig. 7 spans about 30x on a linear axis; a plain-110 whose first layers respond
     # a thousand times more flattens every other curve to zero there.
     stds = [s for layer_stds in responses.values() for s in layer_stds if s > 0]

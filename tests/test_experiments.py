@@ -800,8 +800,23 @@ def test_figures_draw_nets_by_depth_and_plain_nets_dashed(tmp_path, monkeypatch)
     assert [s for _, s in top] == ["--", "--", "-", "-", "-"]
 
 
-def test_fig7_turns_log_scale_when_one_nets_responses_dwarf_the_rest():
+def test_fig7_turns_log_scale_when_one_nets_responses_dwarf_the_rest(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from deepres import report
+
     # The shipped plain-110's first layers respond with a std near 700, the ResNets' near 0.5.
     healthy = {"plain56": [1.03, 0.28, 0.5], "resnet56": [0.9, 0.3, 0.4]}
     assert response_scale(healthy) == "linear"
-    assert response_scale({**healthy, "plain110": [686.7, 0.41, 0.6]}) == "log"
+    dwarfed = {**healthy, "plain110": [686.7, 0.41, 0.6]}
+    assert response_scale(dwarfed) == "log"
+    # And both panels of the figure take it.
+    scales = []
+    set_yscale = Axes.set_yscale
+    monkeypatch.setattr(
+        Axes, "set_yscale", lambda ax, value, **kw: scales.append(value) or set_yscale(ax, value)
+    )
+    runs = {n: {"curve": {}, "eval_split": None} for n in dwarfed}
+    result = {"experiment": "responses", "runs": runs, "responses": dwarfed}
+    report._figures(result, tmp_path)
+    assert scales == ["log", "log"]

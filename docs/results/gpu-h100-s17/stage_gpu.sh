@@ -1,8 +1,8 @@
 #!/bin/bash
-# Stage unfinished campaign runs for a device call (session 12's recipe). Usage, in /work/main:
-#   bash /work/notes/stage_gpu.sh resnet110 plain110
-# then run tool: command "NETS='resnet110 plain110' BUDGET=550 bash .devgpu/gpu.sh", carry [".devgpu"],
-# timeout_s 600. Carry limit 64 MiB: tree ~14 MB + data.xz 16 MB + checkpoints (r110 ~14 MB each).
+# Stage unfinished campaign runs for a device call (session 12's recipe), as session 17 ran it:
+#   bash stage_gpu.sh plain110     (here, in the repo root; writes .devgpu/, which git ignores)
+# then, by hand, .devgpu/call.sh (call.sh beside this file) and the device call:
+#   command "CALL=588 BUDGET=480 bash .devgpu/call.sh", carry [".devgpu"], timeout_s 600.
 set -e
 cd /work/main
 grep -q '^/.devgpu/$' .git/info/exclude || echo /.devgpu/ >> .git/info/exclude
